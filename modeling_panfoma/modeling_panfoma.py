@@ -350,6 +350,8 @@ class PanFoMaMambaMixer(nn.Module):
         self.A_log._no_weight_decay = True
         self.D._no_weight_decay = True
         self.out_proj = nn.Linear(e, d, bias=config.use_bias)
+        if self.A_log.device.type != "meta":  # usable on its own, not only inside a PreTrainedModel
+            self.reset_ssm_parameters()
 
     @torch.no_grad()
     def reset_ssm_parameters(self) -> None:
@@ -454,6 +456,10 @@ class PanFoMaPreTrainedModel(PreTrainedModel):
             # Runs after the generic Linear init of its children (children are visited first), so the Mamba-specific
             # dt init is the one that stays.
             module.reset_ssm_parameters()
+            # mamba-ssm keeps PyTorch's default (Kaiming-uniform) init for the mixer projections; a 0.02-std normal
+            # makes the Mamba branch nearly silent at initialisation.
+            for linear in (module.in_proj, module.x_proj, module.out_proj):
+                init.kaiming_uniform_(linear.weight, a=math.sqrt(5))
             init.kaiming_uniform_(module.conv1d.weight, a=math.sqrt(5))
             if module.conv1d.bias is not None:
                 init.zeros_(module.conv1d.bias)
@@ -677,12 +683,18 @@ class PanFoMaForPreTraining(PanFoMaPreTrainedModel):
 
     `labels` (b, n): the true bin at masked positions, `-100` elsewhere. `raw_values` (b, n): continuous targets,
     used at the same positions. The collator in `panfoma.tokenization` builds both.
+
+    The head reads each gene's decoder state plus a projection of the cell embedding. The argsort of the dynamic
+    sort has no gradient, so without this the global CLS vector g (eq. 3) would get no training signal at all in
+    pretraining and the sort would follow an untrained direction; conditioning on the pooled embedding (which
+    contains g) trains it, in the spirit of scGPT's cell-conditioned expression objective.
     """
 
     def __init__(self, config: PanFoMaConfig):
         super().__init__(config)
         self.panfoma = PanFoMaModel(config)
         d = config.hidden_size
+        self.cell_projection = nn.Linear(d, d)
         self.mvm_transform = nn.Sequential(nn.Linear(d, d), ACT2FN["gelu"], nn.LayerNorm(d, eps=config.layer_norm_eps))
         self.mvm_decoder = nn.Linear(d, config.n_bins)
         self.value_regressor = nn.Linear(d, 1)
@@ -708,7 +720,8 @@ class PanFoMaForPreTraining(PanFoMaPreTrainedModel):
             output_attentions=output_attentions,
             return_dict=True,
         )
-        transformed = self.mvm_transform(outputs.last_hidden_state)
+        cell = self.cell_projection(outputs.pooler_output).unsqueeze(1)  # (b, 1, d)
+        transformed = self.mvm_transform(outputs.last_hidden_state + cell)  # (b, n, d)
         logits = self.mvm_decoder(transformed)  # (b, n, v)
         value_predictions = self.value_regressor(transformed).squeeze(-1)  # (b, n)
 
