@@ -346,6 +346,7 @@ class HubRequestHandler(BaseHTTPRequestHandler):
             repo_type = m.group(1)[:-1]
             repo_id = f"{unquote(m.group(2))}/{unquote(m.group(3))}"
             return self._api_repo(method, repo_type, repo_id, m.group(4) or "", query)
+        self.server.unrouted.append((method, self.path))
         raise HubError(404, f"no route for {method} {path} in the local Hub test server")
 
     def _api_repo(self, method: str, repo_type: str, repo_id: str, rest: str, query: dict):
@@ -354,6 +355,7 @@ class HubRequestHandler(BaseHTTPRequestHandler):
             revision = unquote("/".join(parts[1:])) if parts else "main"
             return self._repo_info(repo_type, repo_id, revision, query)
         if not parts:
+            self.server.unrouted.append((method, self.path))
             raise HubError(404, f"no route for {method} /api/{repo_type}s/{repo_id}")
         action, args = parts[0], parts[1:]
         if action == "preupload" and method == "POST":
@@ -371,6 +373,7 @@ class HubRequestHandler(BaseHTTPRequestHandler):
             repo = self.store.get_repo(repo_type, repo_id)
             branches = [dict(name=b, ref=f"refs/heads/{b}", targetCommit=oid) for b, oid in repo.branches.items()]
             return self._send_json(200, {"branches": branches, "converts": [], "tags": []})
+        self.server.unrouted.append((method, self.path))
         raise HubError(404, f"no route for {method} /api/{repo_type}s/{repo_id}/{rest}")
 
     # ------------------------------------------------------------------ endpoints
@@ -640,7 +643,7 @@ def _front_matter(text: str) -> dict | None:
 
 
 class LocalHubServer(ThreadingHTTPServer):
-    """The threaded HTTP server, its store and a log of the (method, path) requests it answered.
+    """The threaded HTTP server, its store, a log of the (method, path) requests it answered and of the unrouted ones.
 
     Use as a context manager: `with LocalHubServer(tmp_dir) as hub: ... hub.endpoint ...`.
     """
@@ -657,6 +660,8 @@ class LocalHubServer(ThreadingHTTPServer):
         # takes the Hub's off-host redirect path (metadata from the 302 answer, no auth header forwarded).
         self.cdn_url = f"http://{cdn_host}:{self.port}"
         self.requests: list[tuple[str, str]] = []
+        #: Requests no route understood: a client call this server does not implement (tests assert it is empty).
+        self.unrouted: list[tuple[str, str]] = []
         self._thread: threading.Thread | None = None
 
     def start(self) -> "LocalHubServer":
