@@ -30,6 +30,12 @@ AutoModel.register(PanFoMaConfig, PanFoMaModel, exist_ok=True)
 AutoModelForPreTraining.register(PanFoMaConfig, PanFoMaForPreTraining, exist_ok=True)
 AutoModelForSequenceClassification.register(PanFoMaConfig, PanFoMaForCellClassification, exist_ok=True)
 
+# The processor lives in panfoma.tokenization (it imports the config from here, never the reverse); importing it
+# last registers it with AutoFeatureExtractor / AutoProcessor.
+from .tokenization import PanFoMaGeneProcessor, PanFoMaGeneVocab, register_auto_classes  # noqa: E402
+
+register_auto_classes()
+
 __all__ = [
     "PANFOMA_PRESETS",
     "PanFoMaConfig",
@@ -40,6 +46,8 @@ __all__ = [
     "PanFoMaModelOutput",
     "PanFoMaForPreTrainingOutput",
     "PanFoMaForCellClassificationOutput",
+    "PanFoMaGeneProcessor",
+    "PanFoMaGeneVocab",
     "available_scan_backends",
     "selective_scan",
     "__version__",

@@ -9,7 +9,7 @@ import math
 
 from transformers import PretrainedConfig
 
-#: Named size presets. Parameter counts (with the default 43,882-gene vocabulary) are in the README.
+#: Named size presets. Parameter counts (with the default 42,121-token gene vocabulary) are in the README.
 PANFOMA_PRESETS: dict[str, dict] = {
     "panfoma-tiny": dict(hidden_size=64, num_attention_heads=4, intermediate_size=128, state_size=8),
     "panfoma-small": dict(hidden_size=256, num_attention_heads=4, intermediate_size=1024, state_size=16),
@@ -67,7 +67,7 @@ class PanFoMaConfig(PretrainedConfig):
 
     def __init__(
         self,
-        vocab_size: int = 43886,
+        vocab_size: int = 42121,
         n_bins: int = 51,
         pad_token_id: int = 0,
         cls_token_id: int = 1,
