@@ -136,21 +136,36 @@ def _processor_settings(processor) -> dict[str, Any]:
 def describe_dataset_folder(path: str | Path) -> dict[str, Any]:
     """Name and split sizes of a built PanFoMaBench-style folder, read from Parquet metadata (no data loaded).
 
-    Splits are found the way `datasets.load_dataset(path)` finds them (its data-file patterns), so the sizes
-    here are the sizes a user will load.
+    Splits are found the way `datasets.load_dataset(path)` finds them: the `configs` data files of the README
+    card (what the PanFoMaBench builder writes) when present, else `datasets`' default file-name patterns.
     """
     import pyarrow.parquet as pq
-    from datasets.data_files import get_data_patterns
+    from datasets.data_files import EmptyDatasetError, get_data_patterns
 
     path = Path(path)
     if not path.is_dir():
         raise ValueError(f"training_data folder {path} does not exist; pass a built dataset folder or a dict.")
-    patterns = get_data_patterns(str(path))
+    patterns: dict[str, list[str]] = {}
+    card = path / "README.md"
+    if card.is_file():
+        from huggingface_hub import DatasetCard
+
+        configs = DatasetCard(card.read_text()).data.to_dict().get("configs") or []
+        default = next((c for c in configs if c.get("config_name") == "default"), configs[0] if configs else None)
+        for item in (default or {}).get("data_files", []) if isinstance(default, dict) else []:
+            if isinstance(item, dict) and "split" in item:
+                paths = item.get("path", [])
+                patterns[str(item["split"])] = [paths] if isinstance(paths, str) else list(paths)
+    if not patterns:
+        try:
+            patterns = {str(k): list(v) for k, v in get_data_patterns(str(path)).items()}
+        except EmptyDatasetError:
+            patterns = {}
     splits: dict[str, int] = {}
     for split, split_patterns in patterns.items():
         files = sorted({f for pattern in split_patterns for f in path.glob(pattern) if f.suffix == ".parquet"})
         if files:
-            splits[str(split)] = sum(pq.read_metadata(f).num_rows for f in files)
+            splits[split] = sum(pq.read_metadata(f).num_rows for f in files)
     if not splits:
         raise ValueError(f"no Parquet shards found under {path}; is it a built PanFoMaBench folder?")
     return {"name": path.name, "splits": splits}
