@@ -85,6 +85,12 @@ CLIENT_SCRIPT = textwrap.dedent(
         report["loaded_processor_vocab_hash"] = loaded_processor.vocab_hash
         report["processor_vocab_hash"] = processor.vocab_hash
 
+    # A model object (not a folder) is saved and pushed the same way; here a classification head.
+    from panfoma import PanFoMaForCellClassification
+    config.num_labels = 2
+    head_commit = push_model_to_hub(PanFoMaForCellClassification(config), "MODEL_REPO-head", model_card=False)
+    report["head_files"] = sorted(f.path for f in api.list_repo_tree("MODEL_REPO-head", recursive=True))
+
     # The dataset goes through the CLI function (what `panfoma push --dataset` runs).
     import argparse
     parser = add_push_arguments(argparse.ArgumentParser())
@@ -206,6 +212,16 @@ def test_model_loads_back_by_hub_id_with_identical_weights_and_outputs(hub_round
     assert ("GET", f"/lfs-objects/{sha}") in hub.requests
 
 
+def test_model_object_push(hub_round_trip):
+    hub, report = hub_round_trip["hub"], hub_round_trip["report"]
+    tree = _tree(hub, "model", MODEL_REPO + "-head")
+    assert sorted(tree) == report["head_files"]
+    assert "README.md" not in tree  # model_card=False and the saved folder has no card
+    config = json.loads(_stored_bytes(hub, tree["config.json"]))
+    assert config["architectures"] == ["PanFoMaForCellClassification"]
+    assert tree["model.safetensors"]["lfs"]["size"] > 0
+
+
 def test_processor_files_arrive_and_load(hub_round_trip):
     report, hub = hub_round_trip["report"], hub_round_trip["hub"]
     if "processor_missing" in report:
@@ -285,6 +301,22 @@ def test_server_error_codes_match_the_hub(bare_hub):
     body = json.dumps({"key": "header", "value": {"summary": "x", "parentCommit": "f" * 40}}).encode()
     resp, _ = _request(bare_hub, "POST", "/api/models/user/r/commit/main", body)
     assert resp.status == 412
+
+
+def test_server_tree_and_paths_info_listings(bare_hub):
+    repo = bare_hub.store.get_repo("model", "user/r")
+    bare_hub.store.commit(repo, "main", "add", [("file", "a/b/c.json", b"{}"), ("file", "a/d.txt", b"hi")])
+    resp, data = _request(bare_hub, "GET", "/api/models/user/r/tree/main/a")
+    listing = {e["path"]: e["type"] for e in json.loads(data)}
+    assert listing == {"a/b": "directory", "a/d.txt": "file"}
+    resp, data = _request(bare_hub, "GET", "/api/models/user/r/tree/main?recursive=true")
+    assert {e["path"] for e in json.loads(data) if e["type"] == "file"} == {".gitattributes", "a/b/c.json", "a/d.txt"}
+    body = json.dumps({"paths": ["a/d.txt", "a/b", "nope"]}).encode()
+    resp, data = _request(bare_hub, "POST", "/api/models/user/r/paths-info/main", body,
+                          {"Content-Type": "application/json"})
+    info = {e["path"]: e for e in json.loads(data)}
+    assert set(info) == {"a/d.txt", "a/b"}
+    assert info["a/d.txt"]["oid"] == git_blob_oid(b"hi") and info["a/d.txt"]["size"] == 2
 
 
 # ------------------------------------------------------------------ bad input to the push helpers (no network)
