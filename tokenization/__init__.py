@@ -1,6 +1,7 @@
 """Gene vocabulary, gene-name standardisation, binning processor and data collator of PanFoMa."""
 
 from .binning import DEFAULT_N_BINS, quantile_bins
+from .collator import IGNORE_INDEX, PanFoMaCollatorEpochCallback, PanFoMaDataCollator
 from .encoding import EncodedCell, encode_cells, pad_encoded
 from .processing_panfoma import PanFoMaGeneProcessor
 from .vocabulary import (
@@ -31,6 +32,9 @@ __all__ = [
     "DEFAULT_N_BINS",
     "SPECIAL_TOKENS",
     "EncodedCell",
+    "IGNORE_INDEX",
+    "PanFoMaCollatorEpochCallback",
+    "PanFoMaDataCollator",
     "GeneMapping",
     "GeneMappingReport",
     "PanFoMaGeneProcessor",

@@ -6,7 +6,8 @@ Pipeline for each call:
    and a match fraction below `min_match_fraction` is refused with an explanation;
 2. rows are read in chunks of `chunk_size` cells (backed `.h5ad` files included); a chunk is projected
    onto the vocabulary with one sparse product, which drops unmapped genes, sums genes that map to
-   the same token and orders columns canonically (so the AnnData's column order never matters);
+   the same token (in the input's scale: give counts when names repeat) and orders columns
+   canonically (so the AnnData's column order never matters);
 3. each cell is binned, normalised and its genes selected by `encoding.encode_cells` (the routine the
    training collator also uses), then cells are padded.
 
@@ -360,13 +361,14 @@ class PanFoMaGeneProcessor(FeatureExtractionMixin):
         else:
             block = matrix[start:stop]
         if sp.issparse(block):
-            block = sp.csr_matrix(block)
-        else:
-            block = np.asarray(block)
-            if block.dtype.kind not in "fiub":
-                raise TypeError(f"expression values must be numeric, got dtype {block.dtype}.")
-            block = sp.csr_matrix(block)
-        return block.astype(np.float64, copy=False)
+            block = block.tocsr()
+            # Rebuild from the raw arrays: scipy's astype would first canonicalise (sort) every row.
+            return sp.csr_matrix((block.data.astype(np.float64, copy=False), block.indices, block.indptr),
+                                 shape=block.shape)
+        block = np.asarray(block)
+        if block.dtype.kind not in "fiub":
+            raise TypeError(f"expression values must be numeric, got dtype {block.dtype}.")
+        return sp.csr_matrix(block.astype(np.float64, copy=False))
 
     @staticmethod
     def _validate_block(block: sp.csr_matrix, start: int, names: list) -> None:
@@ -444,8 +446,8 @@ class PanFoMaGeneProcessor(FeatureExtractionMixin):
                         "the expression values look log-transformed (all < 30, non-integer); bins are unaffected, "
                         "but raw_values assume counts: pass layer='counts' for a raw-count layer."
                     )
-            projected = (block @ projection).tocsr()  # (cells in chunk) x (tokens present), duplicates summed
-            projected.sum_duplicates()
+            # (cells in chunk) x (tokens present); the product already sums duplicate genes, rows only need sorting.
+            projected = (block @ projection).tocsr()
             projected.eliminate_zeros()
             projected.sort_indices()
             row_index = np.arange(start, stop)

@@ -220,22 +220,23 @@ class PanFoMaGeneVocab:
             self._approved_upper[key] = i + n_special
 
         def shifted(mapping: dict[str, Sequence[int]] | None, fold: bool) -> dict[str, tuple[int, ...]]:
-            out: dict[str, set[int]] = {}
+            out: dict[str, tuple[int, ...]] = {}
+            low, high = 0, len(genes) - 1
             for key, genes_of_key in (mapping or {}).items():
-                bad = [g for g in genes_of_key if not 0 <= g < len(genes)]
-                if bad:
-                    raise ValueError(f"mapping entry {key!r} points outside the gene list: {bad}.")
-                out.setdefault(key.upper() if fold else key, set()).update(g + n_special for g in genes_of_key)
-            return {key: tuple(sorted(v)) for key, v in out.items()}
+                if not genes_of_key or min(genes_of_key) < low or max(genes_of_key) > high:
+                    raise ValueError(f"mapping entry {key!r} is empty or points outside the gene list: {genes_of_key}.")
+                folded = key.upper() if fold else key
+                ids = tuple(g + n_special for g in genes_of_key)
+                previous_ids = out.get(folded)
+                # Spellings that differ only by case pool their genes (and may become ambiguous).
+                out[folded] = ids if previous_ids is None else tuple(sorted(set(previous_ids) | set(ids)))
+            return out
 
         self._ensembl = shifted(ensembl, fold=False)
         self._previous_upper = shifted(previous, fold=True)
         self._alias_upper = shifted(alias, fold=True)
-        self._raw_tables = {
-            "ensembl": {k: list(v) for k, v in (ensembl or {}).items()},
-            "previous": {k: list(v) for k, v in (previous or {}).items()},
-            "alias": {k: list(v) for k, v in (alias or {}).items()},
-        }
+        # Kept as given (not copied) for `save`; the tables are never mutated.
+        self._raw_tables = {"ensembl": ensembl or {}, "previous": previous or {}, "alias": alias or {}}
         self.source = dict(source or {})
         self.hash: str = hashlib.sha256("\n".join(self.tokens).encode("utf-8")).hexdigest()[:16]
 
