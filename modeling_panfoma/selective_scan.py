@@ -184,9 +184,11 @@ def _torch_chunk_len(batch: int, channels: int, state: int) -> int:
 
 def _chunk_inputs(u, dt, A, B, t0, t1):
     """Discretise steps [t0, t1): decay exp(dt A) and drive dt u B, both (k, b, e, s), time-major."""
-    dt_c = dt[:, :, t0:t1].permute(2, 0, 1)  # (b, e, k) -> (k, b, e)
-    u_c = u[:, :, t0:t1].permute(2, 0, 1)  # (b, e, k) -> (k, b, e)
-    B_c = B[:, :, t0:t1].permute(2, 0, 1)  # (b, s, k) -> (k, b, s)
+    # Time-major copies so that every per-step slice below is one contiguous (b, e, s) block
+    # (elementwise ops keep their inputs' layout; a permuted view would leave k innermost).
+    dt_c = dt[:, :, t0:t1].permute(2, 0, 1).contiguous()  # (b, e, k) -> (k, b, e)
+    u_c = u[:, :, t0:t1].permute(2, 0, 1).contiguous()  # (b, e, k) -> (k, b, e)
+    B_c = B[:, :, t0:t1].permute(2, 0, 1).contiguous()  # (b, s, k) -> (k, b, s)
     decay = torch.exp(dt_c[..., None] * A)  # (k, b, e, 1) * (e, s) -> (k, b, e, s)
     drive = (dt_c * u_c)[..., None] * B_c[:, :, None, :]  # (k, b, e, 1) * (k, b, 1, s) -> (k, b, e, s)
     return dt_c, u_c, B_c, decay, drive
@@ -246,8 +248,8 @@ class _TorchScanFn(torch.autograd.Function):
                 dt_c, u_c, B_c, decay, drive = _chunk_inputs(u, dt, A, B, t0, t1)
                 states, _ = _run_chunk(decay, drive, h0)  # (k, b, e, s)
                 prev_states = torch.cat([h0[None], states[:-1]])  # h_{t-1}: (k, b, e, s)
-                C_c = C[:, :, t0:t1].permute(2, 0, 1)  # (b, s, k) -> (k, b, s)
-                gy_c = grad_y[:, :, t0:t1].permute(2, 0, 1)  # (b, e, k) -> (k, b, e)
+                C_c = C[:, :, t0:t1].permute(2, 0, 1).contiguous()  # (b, s, k) -> (k, b, s)
+                gy_c = grad_y[:, :, t0:t1].permute(2, 0, 1).contiguous()  # (b, e, k) -> (k, b, e)
                 # dL/dh_t = gy_t C_t + decay_{t+1} dL/dh_{t+1}, accumulated in place, newest first.
                 grad_h = gy_c[..., None] * C_c[:, :, None, :]  # (k, b, e, s)
                 for i in reversed(range(t1 - t0)):
@@ -276,128 +278,152 @@ _NUMBA_KERNELS = None  # (forward, backward) once compiled
 _NUMBA_FAILED = False  # set after the one warning, so later calls go straight to torch
 
 
-def _build_numba_kernels():
-    """Define the njit kernels (compiled lazily by numba at their first call)."""
-    import numba
-    from numba import prange
+# ---- numba kernels -------------------------------------------------------------------------------
+# Written as plain module-level functions and compiled by _build_numba_kernels() on first use, so
+# that numba is never imported at module import and its on-disk cache (keyed by function and
+# source file) is reused across processes. The names below are rebound to numba objects there.
+_prange = range
+_exp_in_place_jit = None
+_decays_of_channel_jit = None
 
-    f32 = np.float32
-    # float32 exp(x) = 2^k * p(r), x = k ln2 + r, |r| <= ln2 / 2, p the degree-7 Taylor polynomial
-    # (truncation 2e-9 < half an ulp). Written out so LLVM vectorises it across a whole channel's
-    # (l * s) block: libm's scalar expf was ~80% of the scan's time. Measured <= 1 ulp on [-87, 88].
-    # x is clamped to [-87, 88] (exp(-87) ~ 1.6e-38, where the decay is numerically zero anyway).
-    log2e, magic = f32(1.4426950408889634), f32(12582912.0)  # 1.5 * 2^23: add/subtract rounds to int
-    ln2_hi, ln2_lo = f32(0.693359375), f32(-2.12194440e-4)  # Cody-Waite split: k * ln2_hi is exact
-    x_min, x_max = f32(-87.0), f32(88.0)
-    c2, c3, c4, c5, c6, c7 = (f32(1.0 / math.factorial(i)) for i in range(2, 8))
-    one, bias, mantissa_bits = f32(1.0), np.int32(127), np.int32(23)
+# float32 exp(x) = 2^k * p(r), x = k ln2 + r, |r| <= ln2 / 2, p the degree-7 Taylor polynomial
+# (truncation 2e-9 < half an ulp). Written out so LLVM vectorises it across a whole channel's
+# (l * s) block: libm's scalar expf was ~80% of the scan's time. Measured <= 1 ulp on [-87, 88].
+# x is clamped to [-88, 89] so 2^k stays a valid bit pattern: x <= -87.98 gives k = -127, i.e. 0.0
+# (denormal decays, ~1e-38, are flushed to zero and never slow the recurrence); x >= 88.7 gives
+# k = 128, i.e. +inf, like expf.
+_EXP_LOG2E = np.float32(1.4426950408889634)
+_EXP_MAGIC = np.float32(12582912.0)  # 1.5 * 2^23: adding then subtracting it rounds to an integer
+_EXP_LN2_HI, _EXP_LN2_LO = np.float32(0.693359375), np.float32(-2.12194440e-4)  # Cody-Waite split
+_EXP_X_MIN, _EXP_X_MAX = np.float32(-88.0), np.float32(89.0)
+_EXP_C = tuple(np.float32(1.0 / math.factorial(i)) for i in range(8))
+_EXP_ONE, _EXP_BIAS, _EXP_MANTISSA_BITS = np.float32(1.0), np.int32(127), np.int32(23)
 
-    def exp_in_place(values, bits, precise):
-        # values: flat (l * s) block of dt * A, replaced by exp(dt * A); bits: int32 scratch, same size.
-        if precise:  # float64 inputs: libm exp, full double precision (tests, gradcheck)
-            for i in range(values.shape[0]):
-                values[i] = math.exp(values[i])
-            return
-        scale = bits.view(np.float32)
+
+def _exp_in_place(values, bits, precise):
+    # values: flat (l * s) block of dt * A, replaced by exp(dt * A); bits: int32 scratch, same size.
+    if precise:  # float64 inputs: libm exp, full double precision (tests, gradcheck)
         for i in range(values.shape[0]):
-            x = values[i]
-            x = x_min if x < x_min else x
-            x = x_max if x > x_max else x
-            k = (x * log2e + magic) - magic
-            r = (x - k * ln2_hi) - k * ln2_lo
-            p = ((((((c7 * r + c6) * r + c5) * r + c4) * r + c3) * r + c2) * r + one) * r + one
-            values[i] = p
-            bits[i] = (np.int32(k) + bias) << mantissa_bits  # the float32 bit pattern of 2^k
-        for i in range(values.shape[0]):
-            values[i] = values[i] * scale[i]
+            values[i] = math.exp(values[i])
+        return
+    scale = bits.view(np.float32)
+    for i in range(values.shape[0]):
+        x = values[i]
+        x = _EXP_X_MIN if x < _EXP_X_MIN else x
+        x = _EXP_X_MAX if x > _EXP_X_MAX else x
+        k = (x * _EXP_LOG2E + _EXP_MAGIC) - _EXP_MAGIC
+        r = (x - k * _EXP_LN2_HI) - k * _EXP_LN2_LO
+        p = _EXP_C[7] * r + _EXP_C[6]  # Horner, highest power first
+        p = p * r + _EXP_C[5]
+        p = p * r + _EXP_C[4]
+        p = p * r + _EXP_C[3]
+        p = p * r + _EXP_C[2]
+        p = p * r + _EXP_ONE
+        p = p * r + _EXP_ONE
+        values[i] = p
+        bits[i] = (np.int32(k) + _EXP_BIAS) << _EXP_MANTISSA_BITS  # the float32 bit pattern of 2^k
+    for i in range(values.shape[0]):
+        values[i] = values[i] * scale[i]
 
-    exp_in_place = numba.njit(fastmath=False, inline="always")(exp_in_place)
 
-    def decays_of_channel(dt, A, bi, ei, decays, bits, precise):
-        # decays: flat (l * s), entry t * s + n = exp(dt[bi, ei, t] * A[ei, n]).
-        length = dt.shape[2]
-        state = A.shape[1]
-        for t in range(length):
-            step = dt[bi, ei, t]
-            for n in range(state):
-                decays[t * state + n] = step * A[ei, n]
-        exp_in_place(decays, bits, precise)
+def _decays_of_channel(dt, A, bi, ei, decays, bits, precise):
+    # decays: flat (l * s), entry t * s + n = exp(dt[bi, ei, t] * A[ei, n]).
+    length = dt.shape[2]
+    state = A.shape[1]
+    for t in range(length):
+        step = dt[bi, ei, t]
+        for n in range(state):
+            decays[t * state + n] = step * A[ei, n]
+    _exp_in_place_jit(decays, bits, precise)
 
-    decays_of_channel = numba.njit(fastmath=False, inline="always")(decays_of_channel)
 
-    def forward(u, dt, A, Bt, Ct, y, groups, precise):
-        # u, dt, y: (b, e, l); A: (e, s); Bt, Ct: (b, l, s) so each step reads s contiguous values.
-        # Channels are split into `groups` contiguous ranges, one per thread, each with its own
-        # scratch buffers (allocated once per group, reused for every channel in it).
-        batch, channels, length = u.shape
-        state = A.shape[1]
-        total = batch * channels
-        for group in prange(groups):
-            decays = np.empty(length * state, dtype=u.dtype)
-            bits = np.empty(length * state, dtype=np.int32)
-            h = np.empty(state, dtype=u.dtype)
-            for channel in range(group * total // groups, (group + 1) * total // groups):
-                bi = channel // channels
-                ei = channel % channels
-                decays_of_channel(dt, A, bi, ei, decays, bits, precise)
-                h[:] = 0.0
-                for t in range(length):
-                    drive = dt[bi, ei, t] * u[bi, ei, t]
-                    acc = 0.0
-                    for n in range(state):
-                        h[n] = decays[t * state + n] * h[n] + drive * Bt[bi, t, n]
-                        acc += h[n] * Ct[bi, t, n]
-                    y[bi, ei, t] = acc
-
-    def backward(u, dt, A, Bt, Ct, grad_y, grad_u, grad_dt, grad_A_part, grad_Bt_part, grad_Ct_part, precise):
-        # Each channel group owns one row of the B/C gradient buffers (the caller sums the rows), so
-        # no two threads write the same element and the result does not depend on scheduling.
-        batch, channels, length = u.shape
-        state = A.shape[1]
-        groups = grad_Bt_part.shape[0]
-        total = batch * channels
-        for group in prange(groups):
-            decays = np.empty(length * state, dtype=u.dtype)
-            bits = np.empty(length * state, dtype=np.int32)
-            # Row 0 of states is h_{-1} = 0, row t + 1 is h_t: one (l + 1, s) buffer per thread.
-            states = np.zeros((length + 1, state), dtype=u.dtype)
-            grad_h = np.empty(state, dtype=u.dtype)
-            grad_a = np.empty(state, dtype=np.float64)
-            for channel in range(group * total // groups, (group + 1) * total // groups):
-                bi = channel // channels
-                ei = channel % channels
-                decays_of_channel(dt, A, bi, ei, decays, bits, precise)
-                for t in range(length):
-                    drive = dt[bi, ei, t] * u[bi, ei, t]
-                    for n in range(state):
-                        states[t + 1, n] = decays[t * state + n] * states[t, n] + drive * Bt[bi, t, n]
-                grad_h[:] = 0.0  # holds decay_{t+1} * dL/dh_{t+1} entering step t
-                grad_a[:] = 0.0
-                for t in range(length - 1, -1, -1):
-                    gy = grad_y[bi, ei, t]
-                    step = dt[bi, ei, t]
-                    x = u[bi, ei, t]
-                    drive = step * x
-                    acc_u = 0.0
-                    acc_dt = 0.0
-                    for n in range(state):
-                        decay = decays[t * state + n]
-                        g = grad_h[n] + gy * Ct[bi, t, n]
-                        grad_Ct_part[group, bi, t, n] += gy * states[t + 1, n]
-                        grad_Bt_part[group, bi, t, n] += g * drive
-                        g_dta = g * states[t, n] * decay  # dL/d(dt A) at (t, n)
-                        grad_a[n] += g_dta * step
-                        acc_dt += g_dta * A[ei, n]
-                        acc_u += g * Bt[bi, t, n]
-                        grad_h[n] = g * decay
-                    grad_u[bi, ei, t] = acc_u * step
-                    grad_dt[bi, ei, t] = acc_dt + acc_u * x
+def _scan_forward_kernel(u, dt, A, Bt, Ct, y, groups, precise):
+    # u, dt, y: (b, e, l); A: (e, s); Bt, Ct: (b, l, s) so each step reads s contiguous values.
+    # Channels are split into `groups` contiguous ranges, one per thread, each with its own
+    # scratch buffers (allocated once per group, reused for every channel in it).
+    batch, channels, length = u.shape
+    state = A.shape[1]
+    total = batch * channels
+    for group in _prange(groups):
+        decays = np.empty(length * state, dtype=u.dtype)
+        bits = np.empty(length * state, dtype=np.int32)
+        h = np.empty(state, dtype=u.dtype)
+        for channel in range(group * total // groups, (group + 1) * total // groups):
+            bi = channel // channels
+            ei = channel % channels
+            _decays_of_channel_jit(dt, A, bi, ei, decays, bits, precise)
+            h[:] = 0.0
+            for t in range(length):
+                drive = dt[bi, ei, t] * u[bi, ei, t]
+                acc = 0.0
                 for n in range(state):
-                    grad_A_part[bi, ei, n] = grad_a[n]
+                    h[n] = decays[t * state + n] * h[n] + drive * Bt[bi, t, n]
+                    acc += h[n] * Ct[bi, t, n]
+                y[bi, ei, t] = acc
+
+
+def _scan_backward_kernel(
+    u, dt, A, Bt, Ct, grad_y, grad_u, grad_dt, grad_A_part, grad_Bt_part, grad_Ct_part, precise
+):
+    # Each channel group owns one row of the B/C gradient buffers (the caller sums the rows), so
+    # no two threads write the same element and the result does not depend on scheduling.
+    batch, channels, length = u.shape
+    state = A.shape[1]
+    groups = grad_Bt_part.shape[0]
+    total = batch * channels
+    for group in _prange(groups):
+        decays = np.empty(length * state, dtype=u.dtype)
+        bits = np.empty(length * state, dtype=np.int32)
+        # Row 0 of states is h_{-1} = 0, row t + 1 is h_t: one (l + 1, s) buffer per thread.
+        states = np.zeros((length + 1, state), dtype=u.dtype)
+        grad_h = np.empty(state, dtype=u.dtype)
+        grad_a = np.empty(state, dtype=np.float64)
+        for channel in range(group * total // groups, (group + 1) * total // groups):
+            bi = channel // channels
+            ei = channel % channels
+            _decays_of_channel_jit(dt, A, bi, ei, decays, bits, precise)
+            for t in range(length):
+                drive = dt[bi, ei, t] * u[bi, ei, t]
+                for n in range(state):
+                    states[t + 1, n] = decays[t * state + n] * states[t, n] + drive * Bt[bi, t, n]
+            grad_h[:] = 0.0  # holds decay_{t+1} * dL/dh_{t+1} entering step t
+            grad_a[:] = 0.0
+            for t in range(length - 1, -1, -1):
+                gy = grad_y[bi, ei, t]
+                step = dt[bi, ei, t]
+                x = u[bi, ei, t]
+                drive = step * x
+                acc_u = 0.0
+                acc_dt = 0.0
+                for n in range(state):
+                    decay = decays[t * state + n]
+                    g = grad_h[n] + gy * Ct[bi, t, n]
+                    grad_Ct_part[group, bi, t, n] += gy * states[t + 1, n]
+                    grad_Bt_part[group, bi, t, n] += g * drive
+                    g_dta = g * states[t, n] * decay  # dL/d(dt A) at (t, n)
+                    grad_a[n] += g_dta * step
+                    acc_dt += g_dta * A[ei, n]
+                    acc_u += g * Bt[bi, t, n]
+                    grad_h[n] = g * decay
+                grad_u[bi, ei, t] = acc_u * step
+                grad_dt[bi, ei, t] = acc_dt + acc_u * x
+            for n in range(state):
+                grad_A_part[bi, ei, n] = grad_a[n]
+
+
+def _build_numba_kernels():
+    """Compile-ready numba dispatchers (numba compiles them at their first call, or loads its cache)."""
+    global _prange, _exp_in_place_jit, _decays_of_channel_jit
+    import numba
 
     def compile_all(cache: bool):
-        options = dict(parallel=True, fastmath=False, cache=cache, nogil=True)
-        return numba.njit(**options)(forward), numba.njit(**options)(backward)
+        global _prange, _exp_in_place_jit, _decays_of_channel_jit
+        helper = dict(fastmath=False, cache=cache, inline="always")
+        kernel = dict(parallel=True, fastmath=False, cache=cache, nogil=True)
+        _prange = numba.prange
+        _exp_in_place_jit = numba.njit(**helper)(_exp_in_place)
+        _decays_of_channel_jit = numba.njit(**helper)(_decays_of_channel)
+        return numba.njit(**kernel)(_scan_forward_kernel), numba.njit(**kernel)(_scan_backward_kernel)
 
     try:
         return compile_all(cache=True)
