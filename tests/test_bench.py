@@ -303,6 +303,31 @@ def test_interrupted_build_leaves_no_output(tmp_path, vocab, monkeypatch):
     assert not list(tmp_path.glob(".panfomabench.*"))
 
 
+def test_dense_matrix_layer_and_gene_column_give_the_same_cells(tmp_path, vocab):
+    """Counts in a dense layer under log-normalised X, gene names in a var column: same rows as the plain file."""
+    (plain,) = _small_studies(tmp_path, vocab, n_cells=(150,))
+    reference = build_bench([plain], tmp_path / "ref", qc=SMALL_QC)
+    adata = anndata.read_h5ad(plain.path)
+    counts = adata.X.toarray()
+    variant = anndata.AnnData(X=np.log1p(counts), obs=adata.obs.copy(),
+                              var=adata.var.assign(symbol=np.asarray(adata.var_names)))
+    variant.var_names = [f"feature{i}" for i in range(variant.n_vars)]
+    variant.layers["counts"] = counts  # dense on disk
+    variant.uns["x_kind"] = "log1p normalised"
+    variant.write_h5ad(tmp_path / "variant.h5ad")
+    study = PanFoMaBenchStudy(name=plain.name, path=str(tmp_path / "variant.h5ad"), cancer_type=plain.cancer_type,
+                              tissue=plain.tissue, cell_type_column="cell_type", layer="counts", gene_column="symbol")
+    out = build_bench([study], tmp_path / "variant", qc=SMALL_QC)
+    for split in bench.SPLITS:
+        expected = pq.read_table(sorted((reference / "data").glob(f"{split}-*.parquet")))
+        got = pq.read_table(sorted((out / "data").glob(f"{split}-*.parquet")))
+        assert got.equals(expected), split
+    # Reading X (log1p) instead of the counts layer is refused.
+    study.layer = None
+    with pytest.raises(ValueError, match="does not hold counts"):
+        build_bench([study], tmp_path / "x", qc=SMALL_QC)
+
+
 def test_existing_output_needs_overwrite(tmp_path, vocab):
     studies = _small_studies(tmp_path, vocab, n_cells=(120,))
     (tmp_path / "out").mkdir()

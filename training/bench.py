@@ -348,18 +348,21 @@ class _StudyReader:
         index = self.obs[self.obs.attrs["_index"]]
         return [v.decode() if isinstance(v, bytes) else str(v) for v in index[start:stop]]
 
-    def iter_chunks(self, chunk_size: int, desc: str) -> Iterator[tuple[int, Any]]:
-        """Yield (start row, CSR chunk) over all cells; dense storage is converted chunk by chunk."""
+    def read_rows(self, start: int, stop: int):
+        """Rows [start, stop) as a CSR matrix (dense storage converted; only this block in memory)."""
         import scipy.sparse as sp
+
+        block = self.matrix[start:stop]
+        return block.tocsr() if sp.issparse(block) else sp.csr_matrix(np.asarray(block))
+
+    def iter_chunks(self, chunk_size: int, desc: str) -> Iterator[tuple[int, Any]]:
+        """Yield (start row, CSR chunk) over all cells, `chunk_size` rows at a time."""
         from tqdm.auto import tqdm
 
         with tqdm(total=self.n_cells, desc=desc, unit="cell", disable=None, leave=False) as bar:
             for start in range(0, self.n_cells, chunk_size):
                 stop = min(start + chunk_size, self.n_cells)
-                block = self.matrix[start:stop]
-                chunk = block.tocsr() if sp.issparse(block) else sp.csr_matrix(np.asarray(block))
-                chunk.sum_duplicates()
-                yield start, chunk
+                yield start, self.read_rows(start, stop)
                 bar.update(stop - start)
 
 
@@ -379,25 +382,20 @@ def _tokenize_chunk(chunk, col_to_token: np.ndarray, n_tokens: int, token_kept: 
     Columns mapping to the same token are summed; unmapped columns (-1), tokens not in `token_kept`
     and zeros are dropped; each row's tokens come out sorted ascending.
     """
-    rows = _chunk_rows(chunk)
+    import scipy.sparse as sp
+
     tokens = col_to_token[chunk.indices]
     keep = (tokens >= 0) & (chunk.data != 0)
     if token_kept is not None:
         keep &= token_kept[np.maximum(tokens, 0)]
-    rows, tokens, values = rows[keep], tokens[keep], chunk.data[keep]
-    # One int64 key per (row, token) orders by row, then token; equal keys are duplicates to sum.
-    keys = rows * n_tokens + tokens
-    order = np.argsort(keys, kind="stable")
-    keys = keys[order]
-    values = values[order].astype(np.float64)
-    if keys.size:
-        starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
-        values = np.add.reduceat(values, starts)
-        keys = keys[starts]
-    row_of = keys // n_tokens
-    offsets = np.zeros(chunk.shape[0] + 1, dtype=np.int64)
-    np.cumsum(np.bincount(row_of, minlength=chunk.shape[0]), out=offsets[1:])
-    return offsets, (keys % n_tokens).astype(np.int32), values.astype(np.float32)
+    n_rows = chunk.shape[0]
+    indptr = np.zeros(n_rows + 1, dtype=np.int64)
+    np.cumsum(np.bincount(_chunk_rows(chunk)[keep], minlength=n_rows), out=indptr[1:])
+    # A (cells x vocabulary) CSR matrix; scipy's canonicalisation sorts each row's tokens and sums
+    # the columns that mapped to the same gene, in compiled code and row by row (no global sort).
+    by_token = sp.csr_matrix((chunk.data[keep].astype(np.float32), tokens[keep], indptr), shape=(n_rows, n_tokens))
+    by_token.sum_duplicates()
+    return by_token.indptr.astype(np.int64), by_token.indices.astype(np.int32), by_token.data.astype(np.float32)
 
 
 # ---------------------------------------------------------------------------------------------- pass 1
@@ -422,6 +420,22 @@ class _StudyState:
     keep: np.ndarray | None = None
     qc_steps: list[dict] = field(default_factory=list)
     split_of_cell: np.ndarray | None = None
+    # Gene detection counts (per token) from pass 1 over cells passing steps 1 and 3, and over cells
+    # passing step 1 but failing step 3 (added back when step 3 is skipped for non-count input).
+    detection_pass1: np.ndarray | None = None
+    detection_high_mito: np.ndarray | None = None
+    pass_min_genes: np.ndarray | None = None
+    pass_mito: np.ndarray | None = None
+
+    @property
+    def count_based(self) -> bool:
+        """Whether count-based QC applies (the values are counts, integer or not)."""
+        return self.count_kind in ("integer_counts", "non_integer_counts")
+
+    @property
+    def counted_pass1(self) -> np.ndarray:
+        """Cells whose genes pass 1 counted into the gene detection totals."""
+        return self.pass_min_genes & (self.pass_mito | (not self.count_based))
 
 
 def _classify_values(study: PanFoMaBenchStudy, declared: str | None, min_value: float, max_value: float,
@@ -461,9 +475,14 @@ def _classify_values(study: PanFoMaBenchStudy, declared: str | None, min_value: 
     return kind
 
 
+def _mito_fraction(mito: np.ndarray, totals: np.ndarray) -> np.ndarray:
+    """Fraction of counts on MT- genes (0 for an empty cell); float32 in, float32 out, used by both passes."""
+    return np.divide(mito, totals, out=np.zeros_like(mito), where=totals > 0)
+
+
 def _scan_study(study: PanFoMaBenchStudy, vocab, chunk_size: int, mito_tokens: np.ndarray,
-                min_match_fraction: float) -> _StudyState:
-    """Pass 1: gene mapping, obs labels, per-cell QC statistics and the value kind."""
+                min_match_fraction: float, qc: PanFoMaBenchQCConfig) -> _StudyState:
+    """Pass 1: gene mapping, obs labels, per-cell QC statistics, the value kind, gene detection counts."""
     with _StudyReader(study) as reader:
         mapping = vocab.standardize(reader.gene_names())
         report = mapping.report
@@ -487,11 +506,17 @@ def _scan_study(study: PanFoMaBenchStudy, vocab, chunk_size: int, mito_tokens: n
         col_is_mito = np.zeros(reader.n_genes, dtype=bool)
         mapped = mapping.ids >= 0
         col_is_mito[mapped] = mito_tokens[mapping.ids[mapped]]
+        n_tokens = mito_tokens.size
         n_genes = np.zeros(reader.n_cells, dtype=np.int32)
-        totals = np.zeros(reader.n_cells, dtype=np.float64)
-        mito = np.zeros(reader.n_cells, dtype=np.float64)
+        totals = np.zeros(reader.n_cells, dtype=np.float32)
+        mito = np.zeros(reader.n_cells, dtype=np.float32)
+        pass_min_genes = np.zeros(reader.n_cells, dtype=bool)
+        pass_mito = np.zeros(reader.n_cells, dtype=bool)
+        detection = np.zeros(n_tokens, dtype=np.int64)
+        detection_high_mito = np.zeros(n_tokens, dtype=np.int64)
         min_value, max_value, n_non_integer = math.inf, -math.inf, 0
         for start, chunk in reader.iter_chunks(chunk_size, f"scan {study.name}"):
+            chunk.sum_duplicates()  # duplicate (cell, gene) entries would inflate detected-gene counts
             rows = _chunk_rows(chunk)
             data = chunk.data
             stop = start + chunk.shape[0]
@@ -499,6 +524,17 @@ def _scan_study(study: PanFoMaBenchStudy, vocab, chunk_size: int, mito_tokens: n
             totals[start:stop] = np.bincount(rows, weights=data, minlength=chunk.shape[0])
             is_mito = col_is_mito[chunk.indices]
             mito[start:stop] = np.bincount(rows[is_mito], weights=data[is_mito], minlength=chunk.shape[0])
+            pass_min_genes[start:stop] = n_genes[start:stop] >= qc.min_genes
+            pass_mito[start:stop] = (qc.max_mito_fraction is None) | (
+                _mito_fraction(mito[start:stop], totals[start:stop]) <= (qc.max_mito_fraction or 1.0))
+            # Gene detection (QC step 4) is counted now for the cells passing the cell-local steps, so
+            # that no extra full pass is needed; doublets are subtracted later (_correct_gene_detection).
+            selected = np.flatnonzero(pass_min_genes[start:stop])
+            if selected.size:
+                offsets, tokens, _ = _tokenize_chunk(chunk[selected], mapping.ids, n_tokens)
+                low_mito = np.repeat(pass_mito[start + selected], np.diff(offsets))
+                detection += np.bincount(tokens[low_mito], minlength=n_tokens)
+                detection_high_mito += np.bincount(tokens[~low_mito], minlength=n_tokens)
             if data.size:
                 min_value = min(min_value, float(data.min()))
                 max_value = max(max_value, float(data.max()))
@@ -512,7 +548,9 @@ def _scan_study(study: PanFoMaBenchStudy, vocab, chunk_size: int, mito_tokens: n
         if not col_is_mito.any():
             logger.warning("study %r measured no %s gene: the mitochondrial filter cannot remove any of its cells.",
                            study.name, MITO_PREFIX)
-        state.n_genes_raw, state.total_raw, state.mito_raw = n_genes, totals.astype(np.float32), mito.astype(np.float32)
+        state.n_genes_raw, state.total_raw, state.mito_raw = n_genes, totals, mito
+        state.pass_min_genes, state.pass_mito = pass_min_genes, pass_mito
+        state.detection_pass1, state.detection_high_mito = detection, detection_high_mito
     return state
 
 
@@ -527,7 +565,7 @@ def _upper_mad_threshold(values: np.ndarray, nmads: float) -> float:
 def _apply_cell_qc(state: _StudyState, qc: PanFoMaBenchQCConfig) -> None:
     """Steps 1-3 in order; each step only sees the cells the earlier steps kept."""
     keep = np.ones(state.n_cells, dtype=bool)
-    count_based = state.count_kind in ("integer_counts", "non_integer_counts")
+    count_based = state.count_based
     steps: list[dict] = []
 
     def remove(step: str, failing: np.ndarray, **info) -> None:
@@ -554,29 +592,35 @@ def _apply_cell_qc(state: _StudyState, qc: PanFoMaBenchQCConfig) -> None:
         steps.append({"step": "max_mito_fraction", "removed": 0,
                       "skipped": "disabled" if qc.max_mito_fraction is None else "non-count input"})
     else:
-        fraction = np.divide(state.mito_raw, state.total_raw, out=np.zeros_like(state.mito_raw),
-                             where=state.total_raw > 0)
-        remove("max_mito_fraction", fraction > qc.max_mito_fraction, threshold=qc.max_mito_fraction)
+        remove("max_mito_fraction", ~state.pass_mito, threshold=qc.max_mito_fraction)
     state.keep, state.qc_steps = keep, steps
     logger.info("study %r QC: %d cells in, %s, %d kept", state.study.name, state.n_cells,
                 ", ".join(f"{s['step']} -{s['removed']}" for s in steps), int(keep.sum()))
 
 
 # ---------------------------------------------------------------------------------------------- pass 2
-def _count_gene_detection(state: _StudyState, n_tokens: int, chunk_size: int, counts: np.ndarray) -> np.ndarray:
-    """Pass 2: add, per token, the number of retained cells with nonzero expression; return the measured mask."""
-    measured = np.zeros(n_tokens, dtype=bool)
-    measured[state.col_to_token[state.col_to_token >= 0]] = True
-    if not state.keep.any():
-        return measured
+def _correct_gene_detection(state: _StudyState, n_tokens: int, chunk_size: int) -> np.ndarray:
+    """Pass 2: per-token detection counts over the study's *retained* cells.
+
+    Pass 1 counted the cells that passed the cell-local steps (1 and 3); here the cells removed by
+    the doublet step (whose threshold needed the whole study) are read back and subtracted, so only
+    the few removed rows are tokenised again.
+    """
+    counts = state.detection_pass1.copy()
+    if not state.count_based:
+        counts += state.detection_high_mito
+    state.detection_pass1 = state.detection_high_mito = None
+    subtract = np.flatnonzero(state.counted_pass1 & ~state.keep)
+    if subtract.size == 0:
+        return counts
     with _StudyReader(state.study) as reader:
-        for start, chunk in reader.iter_chunks(chunk_size, f"genes {state.study.name}"):
-            kept_rows = np.flatnonzero(state.keep[start:start + chunk.shape[0]])
-            if kept_rows.size == 0:
-                continue
-            _, tokens, _ = _tokenize_chunk(chunk[kept_rows], state.col_to_token, n_tokens)
-            counts += np.bincount(tokens, minlength=n_tokens)
-    return measured
+        # Contiguous runs of rows are read in one slice (bounded by chunk_size).
+        breaks = np.flatnonzero((np.diff(subtract) != 1) | (np.diff(subtract // chunk_size) != 0)) + 1
+        for run in np.split(subtract, breaks):
+            block = reader.read_rows(int(run[0]), int(run[-1]) + 1)
+            _, tokens, _ = _tokenize_chunk(block, state.col_to_token, n_tokens)
+            counts -= np.bincount(tokens, minlength=n_tokens)
+    return counts
 
 
 # ---------------------------------------------------------------------------------------------- splits
@@ -602,6 +646,7 @@ def _assign_splits(states: list[_StudyState], fractions: Sequence[float], seed: 
     patients: dict[str, list[str]] = {name: [] for name in split_names}
     patients[HELD_OUT_SPLIT] = held_out_patients
     active = [i for i, f in enumerate(fractions) if f > 0]
+    split_of_patient = [np.full(len(state.patient_names), -1, dtype=np.int8) for state in states]
     for cancer in sorted(by_cancer):
         group = sorted(by_cancer[cancer])
         # A per-cancer-type generator keeps one type's assignment independent of which others exist.
@@ -629,9 +674,11 @@ def _assign_splits(states: list[_StudyState], fractions: Sequence[float], seed: 
                 assigned.append(choice)
         for position, split_index in enumerate(assigned):
             key, _, s_idx, code = group[order[position]]
-            state = states[s_idx]
-            state.split_of_cell[state.keep & (state.patient_codes == code)] = split_index
+            split_of_patient[s_idx][code] = split_index
             patients[SPLITS[split_index]].append(key)
+    for state, lookup in zip(states, split_of_patient):
+        if state.study.name not in held_out:
+            state.split_of_cell[state.keep] = lookup[state.patient_codes[state.keep]]
     return {name: sorted(keys) for name, keys in patients.items()}
 
 
@@ -964,13 +1011,18 @@ def build_bench(
     mito_tokens = np.array([t.startswith(MITO_PREFIX) for t in vocab.tokens], dtype=bool)
 
     # Pass 1 (all studies first: labels and QC thresholds must be known before writing).
-    states = [_scan_study(s, vocab, chunk_size, mito_tokens, min_match_fraction) for s in studies]
+    states = [_scan_study(s, vocab, chunk_size, mito_tokens, min_match_fraction, qc) for s in studies]
     for state in states:
         _apply_cell_qc(state, qc)
 
     # Pass 2: step 4, genes detected in too few retained cells over all studies.
     detection = np.zeros(n_tokens, dtype=np.int64)
-    measured = [_count_gene_detection(state, n_tokens, chunk_size, detection) for state in states]
+    measured = []
+    for state in states:
+        detection += _correct_gene_detection(state, n_tokens, chunk_size)
+        mask = np.zeros(n_tokens, dtype=bool)
+        mask[state.col_to_token[state.col_to_token >= 0]] = True
+        measured.append(mask)
     measured_any = np.logical_or.reduce(measured)
     token_kept = measured_any & (detection >= qc.min_cells_per_gene)
     token_kept[: vocab.n_special_tokens] = False
