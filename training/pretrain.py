@@ -1,0 +1,806 @@
+"""Masked-value pretraining of PanFoMa with Hugging Face Accelerate.
+
+Launch (one CPU process, several processes, or many GPUs; the code is the same):
+
+    panfoma pretrain --config panfoma-small --dataset panfomabench --output-dir runs/small
+    accelerate launch -m panfoma.training.pretrain --config panfoma-small --dataset panfomabench ...
+    torchrun --nproc_per_node 2 -m panfoma.training.pretrain --config panfoma-tiny-test ...   # 2 CPU processes
+
+`accelerate launch --cpu --num_processes 2` starts ONE process (Accelerate's multi-CPU path needs MPI); to
+really run two processes on CPUs use `torchrun` (above) or `panfoma pretrain --num-processes 2`, which starts
+`torchrun` for you; each process then joins a gloo process group (`Accelerator(cpu=True)`). FSDP and DeepSpeed:
+write an `accelerate config` file (FSDP: `fsdp_transformer_layer_cls_to_wrap: PanFoMaEncoderBlock,
+PanFoMaBiMambaLayer`; DeepSpeed ZeRO-2 needs no change) and pass it to `accelerate launch --config_file`.
+
+Configuration: a YAML file (a preset name from `panfoma/training/configs/` or a path) then command-line
+overrides (`--learning-rate 1e-4`, `--model-override hidden_size=128`). Every field of `PretrainingConfig`
+is documented there; the resolved configuration is saved as `pretraining_config.yaml` in the output folder.
+
+Choices, and why:
+
+* **Objective**: masked value modelling (`PanFoMaForPreTraining`); the data collator samples `max_genes`
+  genes per cell per epoch (paper: 3,072) and masks `config.mask_ratio` of them, from a generator seeded by
+  `(seed, epoch, cell idx)`, so a batch is a pure function of (seed, epoch, position in the epoch).
+* **Optimiser**: AdamW; no weight decay on parameters marked `_no_weight_decay` (Mamba `A_log`, `D`), on
+  every 1-D parameter (LayerNorm weights, biases, the CLS vector) and on the gene/value embedding tables
+  (decay would shrink the embeddings of genes that are rarely measured just because they are rare).
+  Linear warmup then cosine decay (`transformers.get_cosine_schedule_with_warmup`), gradient clipping.
+* **Checkpoints** (`save_steps`): `Accelerator.save_state` into `checkpoints/.tmp-step-N`, then
+  `trainer_state.json` is written and the folder renamed to `checkpoints/step-N`. A run killed mid-save
+  leaves only a `.tmp-*` folder, which resume ignores (and removes); a `step-*` folder without
+  `trainer_state.json` is ignored with a warning.
+* **Exact resume** (`resume: auto`): model, optimiser, scheduler and RNG states are restored, the epoch is
+  set on the sampler and the collator, and the batches already seen in the epoch are skipped
+  (`Accelerator.skip_first_batches`). Dropout is seeded per micro-batch from `(seed, step, rank)`, so the
+  loss curve after a resume equals the uninterrupted one (tested).
+* **Logging**: tqdm progress bar, `metrics.jsonl` (one JSON object per logged step), TensorBoard under
+  `runs/` when `tensorboard` is installed.
+* **Output**: `output_dir` holds the final model (`save_pretrained`), the processor (gene vocabulary and
+  binning) and a generated model card (`README.md`); `AutoModel.from_pretrained(output_dir)` loads it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field, fields
+from importlib import resources
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_DIR = "checkpoints"
+CHECKPOINT_PREFIX = "step-"
+TRAINER_STATE = "trainer_state.json"
+METRICS_FILE = "metrics.jsonl"
+CONFIG_FILE = "pretraining_config.yaml"
+#: An override value meaning "set this field to None" (`--eval-split none` on the command line).
+EXPLICIT_NONE = "__none__"
+#: Columns a pretraining dataset must have (PanFoMaBench layout; `panfoma build-bench` writes them).
+REQUIRED_COLUMNS = ("idx", "gene_ids", "counts")
+
+
+# ---------------------------------------------------------------------------------------------- config
+@dataclass
+class PretrainingConfig:
+    """Every setting of a pretraining run (YAML keys = field names; CLI flags = `--field-name`).
+
+    Attributes:
+        dataset: PanFoMaBench folder (`panfoma build-bench`) or any `datasets` folder with columns `idx`,
+            `gene_ids` (vocabulary token ids) and `counts`.
+        output_dir: where the final model, checkpoints and logs go.
+        train_split / eval_split: split names (`eval_split: null` disables evaluation).
+        streaming: read the dataset with `streaming=True` (corpora larger than memory; needs `max_steps`).
+        shuffle_buffer: shuffle buffer of the streaming reader.
+        preset: model size preset (`panfoma-tiny`, `panfoma-small`, `panfoma-base`).
+        model_overrides: any `PanFoMaConfig` field (e.g. `gene_chunk_size`, `mask_ratio`, `hidden_dropout_prob`).
+        init_from: a saved PanFoMa model folder to continue pretraining from (its processor is reused).
+        max_genes: genes sampled per cell per epoch (paper: 3,072).
+        include_zero_genes: top cells up to `max_genes` with unexpressed genes measured by their study.
+        n_bins: value bins (bin 0 = zero expression).
+        per_device_batch_size: cells per micro-batch per process.
+        gradient_accumulation_steps: micro-batches per optimiser step.
+        learning_rate / weight_decay / adam_beta1 / adam_beta2 / adam_epsilon: AdamW.
+        warmup_steps: linear warmup steps (when > 0, overrides `warmup_ratio`).
+        warmup_ratio: warmup as a fraction of the total optimiser steps.
+        num_epochs: passes over the training split (ignored when `max_steps > 0`).
+        max_steps: total optimiser steps (> 0 overrides `num_epochs`; required with `streaming`).
+        max_grad_norm: gradient clipping (0 disables).
+        mixed_precision: "no", "bf16" or "fp16" (Accelerate).
+        gradient_checkpointing: recompute activations in the backward pass (saves memory).
+        seed: seeds model initialisation, data order, gene sampling, masking and dropout.
+        logging_steps: log every N optimiser steps.
+        eval_steps: evaluate every N steps (0: only at the end when `eval_split` exists).
+        max_eval_batches: cap on evaluation batches per process.
+        save_steps: checkpoint every N steps (0 disables checkpoints).
+        save_total_limit: most recent checkpoints kept.
+        resume: "auto" (latest complete checkpoint in `output_dir`, if any), "never", or a checkpoint folder.
+        num_workers: DataLoader worker processes.
+        cpu: force CPU even when a GPU is present.
+        progress: show a progress bar.
+    """
+
+    dataset: str | None = None
+    output_dir: str = "panfoma-pretrain"
+    train_split: str = "train"
+    eval_split: str | None = "validation"
+    streaming: bool = False
+    shuffle_buffer: int = 10_000
+    preset: str = "panfoma-small"
+    model_overrides: dict = field(default_factory=dict)
+    init_from: str | None = None
+    max_genes: int = 3072
+    include_zero_genes: bool = False
+    n_bins: int = 51
+    per_device_batch_size: int = 16
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 3e-4
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.98
+    adam_epsilon: float = 1e-8
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.05
+    num_epochs: float = 1.0
+    max_steps: int = -1
+    max_grad_norm: float = 1.0
+    mixed_precision: str = "no"
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    logging_steps: int = 10
+    eval_steps: int = 0
+    max_eval_batches: int = 50
+    save_steps: int = 500
+    save_total_limit: int = 2
+    resume: str = "auto"
+    num_workers: int = 0
+    cpu: bool = False
+    progress: bool = True
+
+    def validate(self) -> "PretrainingConfig":
+        """Raise `ValueError` on unusable settings (each message says how to fix it); return self."""
+        if not self.dataset:
+            raise ValueError("no dataset given: set `dataset:` in the YAML file or pass --dataset PATH "
+                             "(a folder written by `panfoma build-bench`).")
+        for name in ("per_device_batch_size", "gradient_accumulation_steps", "logging_steps", "max_genes",
+                     "n_bins", "shuffle_buffer", "max_eval_batches"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+        for name in ("eval_steps", "save_steps", "save_total_limit", "warmup_steps", "num_workers"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be a non-negative integer, got {value!r}.")
+        if self.learning_rate <= 0 or self.weight_decay < 0 or self.max_grad_norm < 0:
+            raise ValueError("need learning_rate > 0, weight_decay >= 0 and max_grad_norm >= 0.")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}.")
+        if self.max_steps <= 0 and self.num_epochs <= 0:
+            raise ValueError("set max_steps > 0 or num_epochs > 0.")
+        if self.streaming and self.max_steps <= 0:
+            raise ValueError("a streaming dataset has no known length: set max_steps (e.g. --max-steps 100000).")
+        if self.mixed_precision not in ("no", "bf16", "fp16"):
+            raise ValueError(f"mixed_precision must be 'no', 'bf16' or 'fp16', got {self.mixed_precision!r}.")
+        if not isinstance(self.model_overrides, dict):
+            raise TypeError(f"model_overrides must be a mapping of PanFoMaConfig fields, got {self.model_overrides!r}.")
+        return self
+
+    def to_dict(self) -> dict:
+        """Plain dict of all fields (YAML/JSON serialisable)."""
+        return dataclasses.asdict(self)
+
+
+def preset_config_path(name: str) -> Path:
+    """Path of a bundled YAML preset (`panfoma-small`, `panfoma-base`, `panfoma-tiny-test`) or of a file.
+
+    Example:
+        >>> preset_config_path("panfoma-small").name
+        'panfoma-small.yaml'
+    """
+    path = Path(name).expanduser()
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {path} does not exist.")
+        return path
+    bundled = resources.files("panfoma.training").joinpath("configs", f"{name}.yaml")
+    if not bundled.is_file():
+        available = sorted(p.name[:-5] for p in resources.files("panfoma.training").joinpath("configs").iterdir()
+                           if p.name.endswith(".yaml"))
+        raise ValueError(f"unknown config {name!r}: give a YAML path or one of the presets {available}.")
+    return Path(str(bundled))
+
+
+def load_pretraining_config(config: str | os.PathLike | None = None, **overrides: Any) -> PretrainingConfig:
+    """Defaults <- YAML file (a path or a bundled preset name) <- `overrides`; validated.
+
+    Example:
+        >>> cfg = load_pretraining_config("panfoma-tiny-test", dataset="bench", max_steps=2)
+        >>> cfg.max_steps, cfg.model_overrides["hidden_size"]
+        (2, 32)
+    """
+    import yaml
+
+    values: dict[str, Any] = {}
+    if config is not None:
+        path = preset_config_path(str(config))
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{path} must hold a YAML mapping of PretrainingConfig fields.")
+        values.update(loaded)
+    known = {f.name for f in fields(PretrainingConfig)}
+    model_overrides = dict(values.get("model_overrides") or {})
+    model_overrides.update(overrides.pop("model_overrides", None) or {})
+    values.update({k: (None if v == EXPLICIT_NONE else v) for k, v in overrides.items() if v is not None})
+    values["model_overrides"] = model_overrides
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown pretraining setting(s) {unknown}; allowed: {sorted(known)}.")
+    return PretrainingConfig(**values).validate()
+
+
+# ---------------------------------------------------------------------------------------------- data
+def check_pretraining_dataset(dataset: Any, where: str) -> None:
+    """Refuse a dataset split without the columns pretraining reads (`idx`, `gene_ids`, `counts`)."""
+    columns = list(dataset.column_names or []) if getattr(dataset, "column_names", None) is not None else []
+    if not columns and getattr(dataset, "features", None) is not None:
+        columns = list(dataset.features)
+    missing = [c for c in REQUIRED_COLUMNS if c not in columns]
+    if missing:
+        raise ValueError(
+            f"{where} lacks the column(s) {missing} (it has {columns}). Pretraining needs one row per cell with "
+            "`idx` (int), `gene_ids` (vocabulary token ids) and `counts`; build such a dataset from .h5ad files "
+            "with `panfoma build-bench` (panfoma.training.bench.build_bench)."
+        )
+
+
+def load_splits(path: str | os.PathLike, splits: Sequence[str], streaming: bool = False) -> dict[str, Any]:
+    """Load named splits of a PanFoMaBench-style folder; check their columns and the vocabulary hash.
+
+    Returns a dict split -> `datasets.Dataset` (or `IterableDataset` when streaming), with only the columns
+    the collator reads. A split that does not exist raises `ValueError` listing the ones that do.
+    """
+    import datasets
+
+    folder = Path(path).expanduser().resolve()
+    if not folder.is_dir():
+        raise FileNotFoundError(f"dataset folder {folder} does not exist; build one with `panfoma build-bench`.")
+    if (folder / "studies.json").is_file():
+        from .bench import load_bench
+
+        everything = load_bench(folder, streaming=streaming)
+    else:
+        everything = datasets.load_dataset(str(folder), streaming=streaming)
+    out = {}
+    for split in splits:
+        if split not in everything:
+            raise ValueError(f"{folder} has no split {split!r}; available: {sorted(everything)}.")
+        part = everything[split]
+        check_pretraining_dataset(part, f"split {split!r} of {folder}")
+        out[split] = part.select_columns(list(REQUIRED_COLUMNS))
+    return out
+
+
+def available_splits(path: str | os.PathLike) -> list[str]:
+    """Split names of a dataset folder (read from its metadata, without loading the data)."""
+    import datasets
+
+    return list(datasets.get_dataset_split_names(str(Path(path).expanduser().resolve())))
+
+
+def dataset_vocab_hash(path: str | os.PathLike) -> str | None:
+    """The vocabulary hash a PanFoMaBench folder was tokenised with (`studies.json`), or None."""
+    info = Path(path).expanduser() / "studies.json"
+    if not info.is_file():
+        return None
+    return json.loads(info.read_text(encoding="utf-8")).get("vocab_hash")
+
+
+def check_dataset_vocabulary(path: str | os.PathLike, processor: Any) -> None:
+    """Refuse a dataset whose token ids come from another gene vocabulary than the processor's."""
+    data_hash = dataset_vocab_hash(path)
+    if data_hash is not None and data_hash != processor.vocab_hash:
+        raise ValueError(
+            f"vocabulary mismatch: the dataset {path} was tokenised with gene vocabulary {data_hash}, the "
+            f"processor/model use {processor.vocab_hash}; its gene ids would point at the wrong genes. Rebuild the "
+            "dataset with the model's vocabulary, or pretrain from scratch with the dataset's vocabulary."
+        )
+
+
+def make_collator(processor: Any, model_config: Any, *, mlm: bool = True, seed: int = 0, **kwargs: Any):
+    """The training collator (`panfoma.tokenization.PanFoMaDataCollator`) configured for `model_config`."""
+    from panfoma.tokenization import PanFoMaDataCollator
+
+    return PanFoMaDataCollator(processor, mlm=mlm, mask_ratio=model_config.mask_ratio, seed=seed,
+                               return_raw_values=model_config.mse_loss_weight > 0, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------- model
+def build_model_and_processor(cfg: PretrainingConfig):
+    """`(PanFoMaForPreTraining, PanFoMaGeneProcessor)`: new from the preset, or loaded from `cfg.init_from`."""
+    from panfoma import PanFoMaConfig, PanFoMaForPreTraining
+    from panfoma.tokenization import PanFoMaGeneProcessor
+
+    if cfg.init_from:
+        processor = PanFoMaGeneProcessor.from_pretrained(cfg.init_from)
+        processor.max_genes = cfg.max_genes
+        processor.include_zero_genes = cfg.include_zero_genes
+        model = PanFoMaForPreTraining.from_pretrained(cfg.init_from, **cfg.model_overrides)
+        processor.check_model_config(model.config)
+        model.config.max_genes = cfg.max_genes
+        return model, processor
+    processor = PanFoMaGeneProcessor(n_bins=cfg.n_bins, max_genes=cfg.max_genes,
+                                     include_zero_genes=cfg.include_zero_genes, seed=cfg.seed)
+    overrides = {"max_genes": cfg.max_genes, **cfg.model_overrides}
+    config = PanFoMaConfig.from_preset(cfg.preset, **processor.model_config_kwargs(), **overrides)
+    processor.check_model_config(config)
+    return PanFoMaForPreTraining(config), processor
+
+
+def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: decay on weight matrices; none on `_no_weight_decay` params, 1-D params and embeddings.
+
+    Example:
+        >>> from panfoma import PanFoMaConfig, PanFoMaForPreTraining
+        >>> model = PanFoMaForPreTraining(PanFoMaConfig.from_preset("panfoma-tiny", vocab_size=50))
+        >>> decay, no_decay = parameter_groups(model, 0.01)
+        >>> any(p is model.panfoma.decoder_layers[0].forward_mamba.A_log for p in no_decay["params"])
+        True
+    """
+    embedding_params = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if not param.requires_grad:
+            continue
+        if getattr(param, "_no_weight_decay", False) or param.ndim < 2 or id(param) in embedding_params:
+            no_decay.append(param)
+        else:
+            decay.append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+def _checkpoint_step(path: Path) -> int | None:
+    suffix = path.name[len(CHECKPOINT_PREFIX):]
+    return int(suffix) if path.name.startswith(CHECKPOINT_PREFIX) and suffix.isdigit() else None
+
+
+def find_latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
+    """Newest COMPLETE checkpoint (`checkpoints/step-N` holding `trainer_state.json`) or None.
+
+    Folders being written (`.tmp-*`) are skipped; a `step-N` folder without `trainer_state.json` (copied by
+    hand, or damaged) is skipped with a warning.
+    """
+    root = Path(output_dir) / CHECKPOINT_DIR
+    if not root.is_dir():
+        return None
+    complete = []
+    for path in root.iterdir():
+        step = _checkpoint_step(path)
+        if step is None or not path.is_dir():
+            continue
+        if not (path / TRAINER_STATE).is_file():
+            logger.warning("ignoring incomplete checkpoint %s (no %s)", path, TRAINER_STATE)
+            continue
+        complete.append((step, path))
+    return max(complete)[1] if complete else None
+
+
+def _save_checkpoint(accelerator, output_dir: Path, state: dict, limit: int) -> Path:
+    """Write a checkpoint atomically (temp folder -> rename) and keep the `limit` newest ones."""
+    root = output_dir / CHECKPOINT_DIR
+    final = root / f"{CHECKPOINT_PREFIX}{state['global_step']:08d}"
+    partial = root / f".tmp-{final.name}"
+    if accelerator.is_main_process:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(partial, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(partial))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        # trainer_state.json last: its presence is what marks a checkpoint complete.
+        (partial / TRAINER_STATE).write_text(json.dumps(state, indent=2))
+        if final.exists():
+            shutil.rmtree(final)
+        partial.rename(final)
+        steps = sorted((s, p) for p in root.iterdir() if (s := _checkpoint_step(p)) is not None)
+        for _, old in steps[:-limit] if limit > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+        logger.info("checkpoint saved: %s", final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _remove_partial_checkpoints(output_dir: Path) -> None:
+    root = output_dir / CHECKPOINT_DIR
+    if root.is_dir():
+        for path in root.glob(".tmp-*"):
+            logger.warning("removing interrupted checkpoint write %s", path)
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def read_metrics(output_dir: str | os.PathLike) -> list[dict]:
+    """The records of `metrics.jsonl` (one dict per logged step, in order)."""
+    path = Path(output_dir) / METRICS_FILE
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _truncate_metrics(output_dir: Path, step: int) -> None:
+    """Drop records logged after `step` (by a run that was killed before its next checkpoint)."""
+    records = read_metrics(output_dir)
+    kept = [r for r in records if r.get("step", 0) <= step]
+    if len(kept) != len(records):
+        (output_dir / METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+
+# ---------------------------------------------------------------------------------------------- training
+def _micro_batch_seed(seed: int, step: int, micro: int, rank: int) -> int:
+    return int(np.random.SeedSequence([seed, step, micro, rank]).generate_state(1)[0])
+
+
+class _Loader:
+    """One epoch's batches: the prepared map-style loader (sampler epoch set) or a streaming one."""
+
+    def __init__(self, accelerator, dataset, collator, cfg: PretrainingConfig, shuffle: bool):
+        from torch.utils.data import DataLoader
+
+        self.accelerator, self.dataset, self.streaming = accelerator, dataset, cfg.streaming
+        if cfg.streaming:
+            from datasets.distributed import split_dataset_by_node
+
+            if shuffle:
+                dataset = dataset.shuffle(seed=cfg.seed, buffer_size=cfg.shuffle_buffer)
+            self.dataset = split_dataset_by_node(dataset, rank=accelerator.process_index,
+                                                 world_size=accelerator.num_processes)
+            self.loader = DataLoader(self.dataset, batch_size=cfg.per_device_batch_size, collate_fn=collator,
+                                     num_workers=cfg.num_workers)
+        else:
+            # A private generator keeps DataLoader from drawing on the global torch RNG (dropout's).
+            loader = DataLoader(dataset, batch_size=cfg.per_device_batch_size, shuffle=shuffle, collate_fn=collator,
+                                num_workers=cfg.num_workers, generator=torch.Generator().manual_seed(cfg.seed))
+            self.loader = accelerator.prepare_data_loader(loader)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def epoch(self, epoch: int, skip: int = 0):
+        """Iterator over epoch `epoch`'s batches, the first `skip` skipped (on device)."""
+        self.loader.set_epoch(epoch) if hasattr(self.loader, "set_epoch") else None
+        if self.streaming and hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+        loader = self.accelerator.skip_first_batches(self.loader, skip) if skip else self.loader
+        if skip and hasattr(loader, "set_epoch"):
+            loader.set_epoch(epoch)
+        for batch in loader:
+            if self.streaming:
+                batch = {k: v.to(self.accelerator.device) for k, v in batch.items()}
+            yield batch
+
+
+def _model_inputs(batch: dict) -> dict:
+    return {k: v for k, v in batch.items() if k in ("input_ids", "values", "attention_mask", "labels", "raw_values")}
+
+
+@torch.no_grad()
+def _evaluate(accelerator, model, loader: _Loader, max_batches: int) -> dict:
+    """Mean masked-value loss over (at most `max_batches` per process of) the evaluation split, fixed masks."""
+    model.eval()
+    losses = []
+    for i, batch in enumerate(loader.epoch(0)):
+        if i >= max_batches:
+            break
+        losses.append(model(**_model_inputs(batch)).loss.detach().float().reshape(1))
+    model.train()
+    if not losses:
+        return {}
+    gathered = accelerator.gather_for_metrics(torch.cat(losses))
+    return {"eval_loss": float(gathered.mean())}
+
+
+def pretrain(cfg: PretrainingConfig) -> Path:
+    """Run (or resume) pretraining; return the output folder holding the final model, processor and card."""
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+    from accelerate.utils.imports import is_tensorboard_available
+    from tqdm.auto import tqdm
+    from transformers import get_cosine_schedule_with_warmup
+
+    cfg.validate()
+    output_dir = Path(cfg.output_dir)
+    cpu = cfg.cpu or not torch.cuda.is_available()
+    log_with = "tensorboard" if is_tensorboard_available() else None
+    accelerator = Accelerator(
+        mixed_precision=cfg.mixed_precision,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        cpu=cpu,  # also what lets `torchrun` processes form a gloo group on CPUs
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
+        log_with=log_with,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "runs")),
+    )
+    logger.info("pretraining on %s: %d process(es), mixed precision %s", accelerator.device,
+                accelerator.num_processes, cfg.mixed_precision)
+    set_seed(cfg.seed)  # identical initial weights in every process
+
+    model, processor = build_model_and_processor(cfg)
+    check_dataset_vocabulary(cfg.dataset, processor)
+    splits = [cfg.train_split]
+    if cfg.eval_split:
+        if cfg.eval_split in available_splits(cfg.dataset):
+            splits.append(cfg.eval_split)
+        else:
+            logger.warning("the dataset has no %r split: no evaluation during pretraining", cfg.eval_split)
+            cfg.eval_split = None
+    data = load_splits(cfg.dataset, splits, streaming=cfg.streaming)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    if model.config.mse_loss_weight == 0:
+        # Without the MSE term the value regressor gets no gradient; DDP would fail on the unused parameters.
+        model.value_regressor.requires_grad_(False)
+    collator = make_collator(processor, model.config, seed=cfg.seed)
+    train = _Loader(accelerator, data[cfg.train_split], collator, cfg, shuffle=True)
+    evaluation = (_Loader(accelerator, data[cfg.eval_split], make_collator(processor, model.config, seed=cfg.seed),
+                          cfg, shuffle=False) if cfg.eval_split else None)
+
+    if cfg.max_steps > 0:
+        total_steps = cfg.max_steps
+    else:
+        steps_per_epoch = math.ceil(len(train) / cfg.gradient_accumulation_steps)
+        total_steps = max(1, math.ceil(steps_per_epoch * cfg.num_epochs))
+    warmup = cfg.warmup_steps if cfg.warmup_steps > 0 else int(cfg.warmup_ratio * total_steps)
+    optimizer = torch.optim.AdamW(parameter_groups(model, cfg.weight_decay), lr=cfg.learning_rate,
+                                  betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon)
+    # The scheduler is stepped by hand once per optimiser step (a prepared one steps once per process).
+    scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, total_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
+
+    state = {"global_step": 0, "epoch": 0, "batches_in_epoch": 0, "cells_seen": 0, "tokens_seen": 0}
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        _remove_partial_checkpoints(output_dir)
+    accelerator.wait_for_everyone()
+    checkpoint = None
+    if cfg.resume == "auto":
+        checkpoint = find_latest_checkpoint(output_dir)
+    elif cfg.resume != "never":
+        checkpoint = Path(cfg.resume)
+        if not (checkpoint / TRAINER_STATE).is_file():
+            raise ValueError(f"resume={cfg.resume!r} is not a complete checkpoint (no {TRAINER_STATE}); use 'auto', "
+                             "'never' or a checkpoints/step-N folder.")
+    if checkpoint is not None:
+        accelerator.load_state(str(checkpoint))
+        state.update(json.loads((checkpoint / TRAINER_STATE).read_text()))
+        logger.info("resumed from %s (step %d, epoch %d, %d batches into the epoch)", checkpoint,
+                    state["global_step"], state["epoch"], state["batches_in_epoch"])
+    if accelerator.is_main_process:
+        import yaml
+
+        _truncate_metrics(output_dir, state["global_step"])
+        (output_dir / CONFIG_FILE).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    if log_with:
+        accelerator.init_trackers("pretrain", config={k: v for k, v in cfg.to_dict().items()
+                                                      if isinstance(v, (int, float, str, bool))})
+
+    model.train()
+    bar = tqdm(total=total_steps, initial=state["global_step"], desc="PanFoMa pretrain", unit="step",
+               disable=not (cfg.progress and accelerator.is_local_main_process))
+    window = {"loss": [], "mvm_loss": [], "cells": 0, "tokens": 0, "start": time.perf_counter()}
+    grad_norm = None
+    done = state["global_step"] >= total_steps
+    while not done:
+        skip = state["batches_in_epoch"]
+        for batch in train.epoch(state["epoch"], skip=skip):
+            # Dropout draws from the global RNG: seeding it per micro-batch makes a resumed run draw exactly what
+            # the uninterrupted run drew at the same step, whatever the data loaders consumed before.
+            torch.manual_seed(_micro_batch_seed(cfg.seed, state["global_step"], state["batches_in_epoch"],
+                                                accelerator.process_index))
+            with accelerator.accumulate(model):
+                outputs = model(**_model_inputs(batch))
+                accelerator.backward(outputs.loss)
+                if accelerator.sync_gradients and cfg.max_grad_norm > 0:
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad()
+            state["batches_in_epoch"] += 1
+            window["loss"].append(outputs.loss.detach().float())
+            if outputs.mvm_loss is not None:
+                window["mvm_loss"].append(outputs.mvm_loss.detach().float())
+            window["cells"] += int(batch["input_ids"].shape[0])
+            window["tokens"] += int(batch["attention_mask"].sum())
+            if not accelerator.sync_gradients:
+                continue
+            if not accelerator.optimizer_step_was_skipped:
+                scheduler.step()
+            state["global_step"] += 1
+            bar.update(1)
+            step = state["global_step"]
+            if step % cfg.logging_steps == 0 or step == total_steps:
+                record = _log_record(accelerator, state, window, scheduler, grad_norm)
+                state["cells_seen"] += record.pop("_cells")
+                state["tokens_seen"] += record.pop("_tokens")
+                bar.set_postfix(loss=f"{record['loss']:.4f}")
+                _emit(accelerator, output_dir, record, log_with)
+                window = {"loss": [], "mvm_loss": [], "cells": 0, "tokens": 0, "start": time.perf_counter()}
+            if evaluation is not None and cfg.eval_steps and step % cfg.eval_steps == 0:
+                metrics = _evaluate(accelerator, model, evaluation, cfg.max_eval_batches)
+                _emit(accelerator, output_dir, {"step": step, **metrics}, log_with)
+            if cfg.save_steps and step % cfg.save_steps == 0 and step < total_steps:
+                _save_checkpoint(accelerator, output_dir, dict(state), cfg.save_total_limit)
+            if step >= total_steps:
+                done = True
+                break
+        else:
+            state["epoch"] += 1
+            state["batches_in_epoch"] = 0
+    bar.close()
+
+    final_metrics = {}
+    if evaluation is not None:
+        final_metrics = _evaluate(accelerator, model, evaluation, cfg.max_eval_batches)
+        if final_metrics:
+            _emit(accelerator, output_dir, {"step": state["global_step"], **final_metrics}, log_with)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(model)
+        save_pretrained_with_card(unwrapped, processor, output_dir, training_data=cfg.dataset,
+                                  metrics=final_metrics or None)
+    accelerator.wait_for_everyone()
+    if log_with:
+        accelerator.end_training()
+    return output_dir
+
+
+def _log_record(accelerator, state: dict, window: dict, scheduler, grad_norm) -> dict:
+    """Loss averaged over the window's micro-batches and all processes; throughput over all processes."""
+    elapsed = max(time.perf_counter() - window["start"], 1e-9)
+    loss = accelerator.reduce(torch.stack(window["loss"]).mean().to(accelerator.device), "mean")
+    counts = accelerator.reduce(torch.tensor([window["cells"], window["tokens"]], device=accelerator.device), "sum")
+    record = {"step": state["global_step"], "epoch": state["epoch"], "loss": float(loss),
+              "learning_rate": float(scheduler.get_last_lr()[0]), "world_size": accelerator.num_processes,
+              "cells_per_s": float(counts[0]) / elapsed, "tokens_per_s": float(counts[1]) / elapsed,
+              "_cells": int(counts[0]), "_tokens": int(counts[1])}
+    if window["mvm_loss"]:
+        record["mvm_loss"] = float(accelerator.reduce(torch.stack(window["mvm_loss"]).mean().to(accelerator.device),
+                                                      "mean"))
+    if grad_norm is not None:
+        record["grad_norm"] = float(grad_norm)
+    return record
+
+
+def _emit(accelerator, output_dir: Path, record: dict, log_with) -> None:
+    if accelerator.is_main_process:
+        with open(output_dir / METRICS_FILE, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+        logger.info("step %s: %s", record.get("step"),
+                    ", ".join(f"{k}={v:.4g}" for k, v in record.items() if isinstance(v, float)))
+    if log_with:
+        accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"},
+                        step=record.get("step"))
+
+
+def save_pretrained_with_card(model, processor, output_dir: str | os.PathLike, *, training_data=None, metrics=None,
+                              base_model: str | None = None, model_name: str | None = None) -> Path:
+    """`save_pretrained` of model and processor plus a generated model card (`README.md`) in one folder."""
+    output_dir = Path(output_dir)
+    model.save_pretrained(output_dir)
+    processor.save_pretrained(output_dir)
+    from .model_card import generate_model_card
+
+    if training_data is not None and not (Path(training_data) / "studies.json").is_file():
+        training_data = {"name": Path(str(training_data)).name}
+    card = generate_model_card(model.config, processor=processor, training_data=training_data, metrics=metrics,
+                               model=model, base_model=base_model, model_name=model_name or output_dir.name)
+    (output_dir / "README.md").write_text(card, encoding="utf-8")
+    logger.info("saved model, processor and model card to %s", output_dir)
+    return output_dir
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+_CLI_SKIP = {"model_overrides"}
+_NONE_STRINGS = {"none", "null", ""}
+
+
+def _field_help() -> dict[str, str]:
+    """Per-field help from the `PretrainingConfig` docstring (`name: text` / `a / b: text` lines)."""
+    helps, current = {}, []
+    for line in (PretrainingConfig.__doc__ or "").split("Attributes:")[-1].splitlines():
+        stripped = line.strip()
+        head, sep, text = stripped.partition(": ")
+        names = [n.strip() for n in head.split("/")]
+        if sep and all(n.isidentifier() for n in names):
+            current = names
+            for name in names:
+                helps[name] = text
+        elif stripped and current:
+            for name in current:
+                helps[name] += " " + stripped
+    return helps
+
+
+def _optional_str(value: str) -> str:
+    return EXPLICIT_NONE if value.strip().lower() in _NONE_STRINGS else value
+
+
+def add_pretrain_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add `panfoma pretrain` options: `--config`, one `--field-name` per `PretrainingConfig` field, overrides."""
+    parser.add_argument("--config", default=None,
+                        help="YAML file or bundled preset (panfoma-small, panfoma-base, panfoma-tiny-test)")
+    helps = _field_help()
+    for f in fields(PretrainingConfig):
+        if f.name in _CLI_SKIP:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        text = f"{helps.get(f.name, '')} (default: {f.default})".replace("%", "%%")
+        if f.type in ("bool", bool):
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=text)
+        else:
+            kind = {"int": int, "float": float}.get(str(f.type).split(" ")[0], str)
+            if "None" in str(f.type) and kind is str:
+                kind = _optional_str  # `--eval-split none` disables evaluation
+            parser.add_argument(flag, dest=f.name, type=kind, default=None, help=text)
+    parser.add_argument("--model-override", action="append", default=[], metavar="KEY=VALUE",
+                        help="set a PanFoMaConfig field, e.g. --model-override gene_chunk_size=512 (repeatable)")
+    parser.add_argument("--num-processes", type=int, default=1,
+                        help="start this many processes with torchrun (CPU: gloo; GPUs: one per process)")
+    return parser
+
+
+def _parse_overrides(items: Sequence[str]) -> dict:
+    import yaml
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--model-override expects KEY=VALUE, got {item!r}.")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def config_from_args(args: argparse.Namespace) -> PretrainingConfig:
+    """The `PretrainingConfig` of parsed `add_pretrain_arguments` options."""
+    overrides = {f.name: getattr(args, f.name) for f in fields(PretrainingConfig) if f.name not in _CLI_SKIP}
+    overrides["model_overrides"] = _parse_overrides(args.model_override)
+    return load_pretraining_config(args.config, **overrides)
+
+
+def run_pretrain(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int:
+    """Run `panfoma pretrain`; with `--num-processes N > 1`, re-launch this module under `torchrun`."""
+    if args.num_processes > 1 and "RANK" not in os.environ:
+        import subprocess
+
+        forwarded = list(argv if argv is not None else sys.argv[1:])
+        if forwarded and forwarded[0] == "pretrain":
+            forwarded = forwarded[1:]
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                   f"--nproc_per_node={args.num_processes}", "-m", "panfoma.training.pretrain", *forwarded]
+        logger.info("launching: %s", " ".join(command))
+        return subprocess.run(command, check=False).returncode
+    pretrain(config_from_args(args))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `python -m panfoma.training.pretrain` / `accelerate launch -m panfoma.training.pretrain`."""
+    parser = argparse.ArgumentParser(prog="panfoma.training.pretrain", description=__doc__.splitlines()[0])
+    add_pretrain_arguments(parser)
+    args = parser.parse_args(argv)
+    args.num_processes = 1 if "RANK" in os.environ else args.num_processes
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return run_pretrain(args, argv)
+
+
+__all__ = [
+    "PretrainingConfig",
+    "add_pretrain_arguments",
+    "build_model_and_processor",
+    "check_dataset_vocabulary",
+    "check_pretraining_dataset",
+    "config_from_args",
+    "find_latest_checkpoint",
+    "load_pretraining_config",
+    "load_splits",
+    "make_collator",
+    "parameter_groups",
+    "preset_config_path",
+    "pretrain",
+    "read_metrics",
+    "run_pretrain",
+    "save_pretrained_with_card",
+]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
