@@ -88,6 +88,7 @@ __all__ = [
     "write_report",
     "add_evaluate_arguments",
     "run_evaluate",
+    "model_embed_fn",
 ]
 
 
@@ -1160,30 +1161,34 @@ def _read_inputs(paths: Sequence[str], study_from_file: bool, standardize: bool)
     return ad.concat([p[:, shared] for p in parts], join="inner", merge="same")
 
 
-def _model_embed_fn(args) -> EmbedFn:
-    """Embedding function backed by a trained checkpoint (``panfoma.training.embed.embed_adata``)."""
-    try:
-        from . import embed as embed_module
-    except ImportError as err:
-        raise ImportError("panfoma.training.embed is not available in this installation; use --embedding-key.") from err
-    model, processor = embed_module.load_model_and_processor(args.model, device=args.device)
+def model_embed_fn(model_name_or_path: str, batch_size: int = 64, device: str | None = None) -> tuple[EmbedFn, Callable]:
+    """``embed_fn`` and ``gene_fn(gene_names) -> (embeddings, symbols)`` backed by a PanFoMa checkpoint.
+
+    Uses ``panfoma.training.embed`` (``load_model_and_processor``, ``embed_adata``, ``gene_embeddings``).
+    """
+    from . import embed as embed_module
+
+    model, processor = embed_module.load_model_and_processor(model_name_or_path, device=device)
 
     def embed(adata) -> np.ndarray:
-        out = embed_module.embed_adata(model, processor, adata, batch_size=args.batch_size)
-        return np.asarray(out if out is not None else adata.obsm["X_panfoma"])
+        return np.asarray(embed_module.embed_adata(model, processor, adata, batch_size=batch_size))
 
-    embed.__name__ = f"panfoma:{args.model}"
-    return embed
+    def genes(gene_names):
+        return embed_module.gene_embeddings(model, processor, gene_names)
+
+    embed.__name__ = f"panfoma:{model_name_or_path}"
+    return embed, genes
 
 
 def run_evaluate(args) -> dict:
     """Run the task selected by ``add_evaluate_arguments``' parser; returns the report dict."""
     adata = _read_inputs(args.data, args.study_from_file, args.standardize_genes)
-    embed_fn = None
+    embed_fn = gene_fn = None
     if getattr(args, "model", None):
-        embed_fn = _model_embed_fn(args)
+        embed_fn, gene_fn = model_embed_fn(args.model, args.batch_size, args.device)
     elif getattr(args, "random_projection_control", False):
         embed_fn = random_projection_embedder()
+    model_name = "control_random_projection" if getattr(args, "random_projection_control", False) else "panfoma"
     # The report is written once, below, after the command line is recorded in it.
     kwargs = {"embedding_key": args.embedding_key, "output_dir": None,
               "dataset_name": ",".join(Path(p).name for p in args.data)}
@@ -1219,11 +1224,14 @@ def run_evaluate(args) -> dict:
             if "embeddings" not in payload or "genes" not in payload:
                 raise ValueError(f"{args.gene_embeddings} must hold arrays 'embeddings' and 'genes'.")
             gene_emb, genes, name = payload["embeddings"], payload["genes"].astype(str), "gene_embeddings_file"
+        elif gene_fn is not None:
+            gene_emb, genes = gene_fn(list(adata.var_names))
+            name = "panfoma_gene_embedding"
         elif args.random_projection_control:
             genes = list(adata.var_names)
             gene_emb, name = random_gene_vectors(genes), "random_gene_vectors_control"
         else:
-            raise ValueError("gene_programs needs --gene-embeddings FILE.npz (or --random-projection-control).")
+            raise ValueError("gene_programs needs --model, --gene-embeddings FILE.npz or --random-projection-control.")
         kwargs.pop("embedding_key")
         report = evaluate_gene_programs(gene_emb, genes, adata, n_permutations=args.n_permutations,
                                         max_genes=args.max_genes, embedding_name=name, **kwargs)
