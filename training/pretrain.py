@@ -297,11 +297,17 @@ def check_dataset_vocabulary(path: str | os.PathLike, processor: Any) -> None:
         )
 
 
+def _collator_class():
+    try:
+        from panfoma.tokenization import PanFoMaDataCollator
+    except ImportError:  # not yet re-exported by the package
+        from panfoma.tokenization.collator import PanFoMaDataCollator
+    return PanFoMaDataCollator
+
+
 def make_collator(processor: Any, model_config: Any, *, mlm: bool = True, seed: int = 0, **kwargs: Any):
     """The training collator (`panfoma.tokenization.PanFoMaDataCollator`) configured for `model_config`."""
-    from panfoma.tokenization import PanFoMaDataCollator
-
-    return PanFoMaDataCollator(processor, mlm=mlm, mask_ratio=model_config.mask_ratio, seed=seed,
+    return _collator_class()(processor, mlm=mlm, mask_ratio=model_config.mask_ratio, seed=seed,
                                return_raw_values=model_config.mse_loss_weight > 0, **kwargs)
 
 
