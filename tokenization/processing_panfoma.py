@@ -338,7 +338,13 @@ class PanFoMaGeneProcessor(FeatureExtractionMixin):
 
     def map_genes(self, gene_names: Any, adata: Any = None) -> GeneMapping:
         """Standardise gene names, log the report and refuse too few matches (transposition detected)."""
-        mapping = self._vocab.standardize(gene_names)
+        names = tuple(gene_names)
+        cached = getattr(self, "_mapping_cache", None)
+        if cached is not None and cached[0] == names:
+            mapping = cached[1]  # same genes as the previous call (batches of one file): skip re-mapping
+        else:
+            mapping = self._vocab.standardize(names)
+            self._mapping_cache = (names, mapping)
         report = mapping.report
         logger.info("gene mapping onto the PanFoMa vocabulary:\n%s", report)
         if report.match_fraction < self.min_match_fraction or report.n_matched == 0:
@@ -486,7 +492,12 @@ class PanFoMaGeneProcessor(FeatureExtractionMixin):
             del arrays["raw_values"]
         if return_cell_index:
             arrays["cell_index"] = np.asarray(row_index, dtype=np.int64)
-        return BatchFeature(data=arrays, tensor_type=return_tensors)
+        if return_tensors == "pt":
+            import torch
+
+            # from_numpy shares memory; BatchFeature's own conversion would copy every array once more.
+            return BatchFeature(data={key: torch.from_numpy(value) for key, value in arrays.items()})
+        return BatchFeature(data=arrays, tensor_type=None if return_tensors == "np" else return_tensors)
 
     def __call__(
         self,

@@ -258,10 +258,21 @@ class PanFoMaGeneVocab:
 
     @classmethod
     def from_file(cls, path: str | Path) -> "PanFoMaGeneVocab":
-        """Load a vocabulary JSON (optionally gzip-compressed, by a `.gz` suffix) written by `save`."""
+        """Load a vocabulary JSON (optionally gzip-compressed) written by `save`.
+
+        An unchanged file is parsed once per process and the instance shared; treat it as read-only.
+        """
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"gene vocabulary file {path} does not exist.")
+        stat = path.stat()
+        if cls is PanFoMaGeneVocab:
+            # Parsing takes about a second; an unchanged file (same path, size, mtime) is parsed once.
+            return _cached_file_vocab(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+        return cls._parse_file(path)
+
+    @classmethod
+    def _parse_file(cls, path: Path) -> "PanFoMaGeneVocab":
         raw = path.read_bytes()
         if raw[:2] == b"\x1f\x8b":  # gzip magic number, whatever the suffix
             raw = gzip.decompress(raw)
@@ -452,6 +463,11 @@ class PanFoMaGeneVocab:
                     "vocabulary is human, and they are matched case-insensitively.", titled, n_text,
                 )
         return GeneMapping(symbols=symbols, ids=ids, sources=sources, report=report)
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_file_vocab(path: str, size: int, mtime_ns: int) -> PanFoMaGeneVocab:
+    return PanFoMaGeneVocab._parse_file(Path(path))
 
 
 @functools.lru_cache(maxsize=1)
