@@ -354,6 +354,10 @@ def integration_metrics(
             resolutions=list(resolutions), use_rep="X_emb", force=True, verbose=False, return_all=True,
             random_state=seed,
         )
+        if adata.obs["cluster"].isna().all():
+            # scib keeps no clustering when every resolution scores NMI == 0 (e.g. one cluster); fall back
+            # to the first resolution's clustering instead of failing on an empty column.
+            adata.obs["cluster"] = adata.obs[f"cluster_{resolutions[0]}"]
         nmi = scib.metrics.nmi(adata, cluster_key="cluster", label_key="label")
         ari = scib.metrics.ari(adata, cluster_key="cluster", label_key="label")
         asw_label = scib.metrics.silhouette(adata, label_key="label", embed="X_emb")
