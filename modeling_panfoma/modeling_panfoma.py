@@ -189,6 +189,10 @@ def flip_valid(x: torch.Tensor, lengths: torch.LongTensor) -> torch.Tensor:
     reading its padding first (which would make a row's output depend on how much padding it got).
     """
     l = x.size(1)
+    if bool((lengths == l).all()):
+        # No padding anywhere (e.g. fixed-size pretraining batches): a plain flip, whose backward is a flip too,
+        # instead of a gather whose backward zero-fills and scatter-adds a (b, l, d) buffer.
+        return x.flip(1)
     position = torch.arange(l, device=x.device).view(1, l)
     index = torch.where(position < lengths.view(-1, 1), lengths.view(-1, 1) - 1 - position, position)  # (b, l)
     if x.dim() == 2:
@@ -327,6 +331,22 @@ def _use_kernel(config: PanFoMaConfig, x: torch.Tensor) -> bool:
     return usable
 
 
+def causal_depthwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Mamba's causal depthwise conv1d on channels-last input: x (b, l, e) -> (b, l, e).
+
+    Equals `conv1d(x.transpose(1, 2), weight, bias, groups=e, padding=k - 1)[..., :l].transpose(1, 2)` for the
+    `nn.Conv1d` weight (e, 1, k), written as k shifted multiply-adds: on CPU, oneDNN's depthwise conv (and its
+    backward) was slower than the whole selective scan, and channels-last input avoids two transposed copies.
+    """
+    l, kernel = x.size(1), weight.size(-1)
+    taps = weight.view(weight.size(0), kernel).t()  # (e, 1, k) -> (k, e)
+    padded = F.pad(x, (0, 0, kernel - 1, 0))  # zeros before t = 0: (b, l + k - 1, e)
+    out = padded[:, :l] * taps[0] if bias is None else torch.addcmul(bias, padded[:, :l], taps[0])
+    for j in range(1, kernel):
+        out = torch.addcmul(out, padded[:, j : j + l], taps[j])  # (b, l, e)
+    return out
+
+
 class PanFoMaMambaMixer(nn.Module):
     """Mamba-1 mixer with mamba-ssm's parameter names and shapes (weights interchangeable with `mamba_ssm.Mamba`).
 
@@ -370,16 +390,18 @@ class PanFoMaMambaMixer(nn.Module):
         init.copy_(self.dt_proj.bias, dt + torch.log(-torch.expm1(-dt)))  # inverse of softplus
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        b, l, _ = hidden_states.shape
         use_kernel = _use_kernel(self.config, hidden_states)
-        xz = self.in_proj(hidden_states).transpose(1, 2)  # (b, 2e, l)
-        x, z = xz.chunk(2, dim=1)  # (b, e, l) each
+        xz = self.in_proj(hidden_states)  # (b, l, 2e)
         conv_fn = _kernel_conv1d() if use_kernel else None
         if conv_fn is not None:
+            x, z = xz.transpose(1, 2).chunk(2, dim=1)  # (b, e, l) each
             x = conv_fn(x.contiguous(), self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu")
+            x_rows = x.transpose(1, 2)  # (b, l, e)
         else:
-            x = F.silu(self.conv1d(x)[..., :l])  # causal: keep the first l outputs of the padded conv
-        x_dbl = self.x_proj(x.transpose(1, 2))  # (b, l, r + 2s)
+            x_rows, z_rows = xz.chunk(2, dim=-1)  # (b, l, e) each
+            x_rows = F.silu(causal_depthwise_conv(x_rows, self.conv1d.weight, self.conv1d.bias))  # (b, l, e)
+            x, z = x_rows.transpose(1, 2), z_rows.transpose(1, 2)  # (b, e, l) views for the scan
+        x_dbl = self.x_proj(x_rows)  # (b, l, r + 2s)
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = (dt @ self.dt_proj.weight.t()).transpose(1, 2)  # (b, e, l); the bias goes in as delta_bias
         y = selective_scan(
@@ -414,7 +436,7 @@ class PanFoMaBiMambaLayer(GradientCheckpointingLayer):
         forward_states = self.forward_mamba(x)
         backward_states = flip_valid(self.backward_mamba(flip_valid(x, lengths)), lengths)
         gamma = torch.sigmoid(self.gate(x))  # eq. 5
-        fused = gamma * forward_states + (1.0 - gamma) * backward_states  # eq. 6
+        fused = torch.lerp(backward_states, forward_states, gamma)  # eq. 6: gamma * fwd + (1 - gamma) * bwd, one op
         fused = fused * valid.unsqueeze(-1).to(fused.dtype)
         return hidden_states + self.dropout(fused)
 
