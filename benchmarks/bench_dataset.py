@@ -35,26 +35,51 @@ import numpy as np
 
 logger = logging.getLogger("bench_dataset")
 
-_BUILD_SCRIPT = """
-import json, resource, sys, time
+_SAMPLER = """
+import os, threading, time
+def _rss_mib():
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+class _PeakRSS(threading.Thread):
+    # Samples the current RSS every 10 ms (ru_maxrss would include transient peaks of the imports).
+    def __init__(self):
+        super().__init__(daemon=True)
+        self.base = _rss_mib()
+        self.peak = self.base
+        self.running = True
+    def run(self):
+        while self.running:
+            self.peak = max(self.peak, _rss_mib())
+            time.sleep(0.01)
+    def stop(self):
+        self.running = False
+        self.join()
+        self.peak = max(self.peak, _rss_mib())
+        return self.peak
+"""
+
+_BUILD_SCRIPT = _SAMPLER + """
+import json, sys, time
 from panfoma.tokenization.vocabulary import PanFoMaGeneVocab
 from panfoma.training.bench import build_bench, PanFoMaBenchStudy, PanFoMaBenchQCConfig
 PanFoMaGeneVocab.from_default()
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+sampler = _PeakRSS()
+sampler.start()
 study = PanFoMaBenchStudy(name="syn", path=sys.argv[1], cancer_type="synthetic", tissue="t",
                           cell_type_column="cell_type")
 start = time.perf_counter()
 build_bench([study], sys.argv[2], qc=PanFoMaBenchQCConfig(min_genes=int(sys.argv[3])), chunk_size=int(sys.argv[4]))
 seconds = time.perf_counter() - start
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps({"seconds": seconds, "base_rss_mib": base / 1024, "peak_rss_mib": peak / 1024}))
+peak = sampler.stop()
+print(json.dumps({"seconds": seconds, "base_rss_mib": sampler.base, "peak_rss_mib": peak}))
 """
 
-_READ_SCRIPT = """
-import json, resource, sys, time
+_READ_SCRIPT = _SAMPLER + """
+import json, sys, time
 import h5py
 from anndata.io import sparse_dataset
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+sampler = _PeakRSS()
+sampler.start()
 start = time.perf_counter()
 with h5py.File(sys.argv[1], "r") as f:
     X = sparse_dataset(f["X"])
@@ -63,19 +88,18 @@ with h5py.File(sys.argv[1], "r") as f:
     for i in range(0, n, chunk):
         nnz += X[i:i + chunk].nnz
 seconds = time.perf_counter() - start
-print(json.dumps({"seconds": seconds, "nnz": nnz, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                  "base_rss_mib": base / 1024}))
+print(json.dumps({"seconds": seconds, "nnz": nnz, "peak_rss_mib": sampler.stop(), "base_rss_mib": sampler.base}))
 """
 
-_INMEMORY_SCRIPT = """
-import json, resource, sys, time
+_INMEMORY_SCRIPT = _SAMPLER + """
+import json, sys, time
 import anndata
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+sampler = _PeakRSS()
+sampler.start()
 start = time.perf_counter()
 adata = anndata.read_h5ad(sys.argv[1])
 seconds = time.perf_counter() - start
-print(json.dumps({"seconds": seconds, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                  "base_rss_mib": base / 1024}))
+print(json.dumps({"seconds": seconds, "peak_rss_mib": sampler.stop(), "base_rss_mib": sampler.base}))
 """
 
 
@@ -119,10 +143,11 @@ def main() -> None:
     parser.add_argument("--n-cells", type=int, default=100_000)
     parser.add_argument("--n-genes", type=int, default=5000, help="genes in the generated study")
     parser.add_argument("--genes-per-cell", type=int, default=1000, help="mean detected genes per cell")
-    parser.add_argument("--chunk-size", type=int, default=2048)
+    parser.add_argument("--chunk-size", type=int, default=1024)
     parser.add_argument("--batch-size", type=int, default=64, help="cells per collator batch")
     parser.add_argument("--collate-cells", type=int, default=20_000, help="cells pushed through the collator")
     parser.add_argument("--workdir", default=None, help="scratch folder (default: a temporary folder)")
+    parser.add_argument("--reuse-input", action="store_true", help="reuse <workdir>/synthetic.h5ad if present")
     parser.add_argument("--output", default=str(Path(__file__).parent / "results" / "dataset.json"))
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -139,7 +164,9 @@ def main() -> None:
         genes = sorted(set(rng.choice(vocab.genes, args.n_genes, replace=False)) | {"ACTB", "GAPDH", "MT-CO1"})
         h5ad = work / "synthetic.h5ad"
         start = time.perf_counter()
-        write_synthetic_study(h5ad, args.n_cells, genes=genes, n_patients=40, mean_genes_per_cell=args.genes_per_cell)
+        if not (args.reuse_input and h5ad.is_file()):
+            write_synthetic_study(h5ad, args.n_cells, genes=genes, n_patients=40,
+                                  mean_genes_per_cell=args.genes_per_cell)
         logger.info("generated %d cells x %d genes in %.1f s (%.0f MiB on disk)", args.n_cells, len(genes),
                     time.perf_counter() - start, h5ad.stat().st_size / 2**20)
 
