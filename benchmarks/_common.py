@@ -218,7 +218,13 @@ def run_probe(spec: dict[str, Any], timeout_s: float = 1800.0) -> dict[str, Any]
     """Run `_probe.py` with `spec` in a fresh interpreter (clean peak RSS) and return its JSON result.
 
     A probe killed by the OS (out of memory) or that times out is reported with a `status`, never raised.
+    Quick specs (`spec["quick"]`) run in this process instead: a smoke run must not pay an interpreter start
+    per configuration, and its numbers mean nothing anyway.
     """
+    if spec.get("quick"):
+        import _probe
+
+        return _probe.main(dict(spec))
     command = [sys.executable, str(BENCH_DIR / "_probe.py"), json.dumps(spec)]
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     try:

@@ -1,0 +1,155 @@
+"""Smoke tests of the benchmark scripts (benchmarks/): each --quick mode runs and writes the JSON it promises.
+
+No timing is asserted (timed tests are flaky on shared machines): only that every script runs end to end on tiny
+sizes, that its JSON has the expected keys with positive numbers, and that the pieces with a right answer (the
+FLOP count, the peers' padding behaviour, the extrapolation) give it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH_DIR))
+
+import bench_floor  # noqa: E402
+import bench_model  # noqa: E402
+import bench_peers  # noqa: E402
+import bench_precision  # noqa: E402
+import run_all  # noqa: E402
+from _common import build_model, make_inputs  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    """Run the four core scripts in --quick mode once (in this process: no interpreter start per script)."""
+    out = tmp_path_factory.mktemp("bench")
+    threads = torch.get_num_threads()
+    try:
+        for name, module in (("model", bench_model), ("peers", bench_peers), ("floor", bench_floor),
+                             ("precision", bench_precision)):
+            module.main(["--quick", "--threads", "1", "--out", str(out / f"{name}.json")])
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+def _load(results, name):
+    payload = json.loads((results / f"{name}.json").read_text())
+    assert payload["quick"] is True
+    assert payload["machine"]["cores"] >= 1 and payload["machine"]["torch"] == torch.__version__
+    return payload
+
+
+def test_bench_model_json(results):
+    payload = _load(results, "model")
+    for mode in ("forward", "train"):
+        entry = payload["summary"][f"panfoma-tiny/{mode}"]
+        for key in ("cells_per_s", "peak_rss_mb", "long_cells_per_s", "long_peak_rss_mb"):
+            assert entry[key] > 0, key
+        assert entry["activation_ratio_long_vs_short"] > 0
+    assert all(run["status"] == "ok" for run in payload["runs"])
+    assert set(payload["allocator"]) == {"forward", "train"}
+    assert all(v["speedup"] > 0 for v in payload["allocator"].values())
+
+
+def test_bench_peers_json(results):
+    payload = _load(results, "peers")
+    assert set(payload["summary"]) == {"panfoma", "attention", "bimamba"}
+    for entry in payload["summary"].values():
+        assert entry["forward_cells_per_s"] > 0 and entry["train_cells_per_s"] > 0
+        assert entry["forward_peak_rss_mb"] > 0 and entry["parameters_non_embedding"] > 0
+    assert payload["summary"]["panfoma"]["panfoma_forward_speedup"] == pytest.approx(1.0)
+    for kind, runs in payload["scaling"].items():
+        assert [r["genes"] for r in runs] == payload["sizes"]["scaling"], kind
+        assert all(r["status"] == "ok" and r["median_s"] > 0 for r in runs), kind
+    assert all(v > 0 for v in payload["attention_over_panfoma_time"].values())
+
+
+def test_bench_floor_json(results):
+    payload = _load(results, "floor")
+    assert payload["peak_gflops"]["fp32"] > 0
+    assert payload["copy_bandwidth_gbs"] > 0
+    assert payload["flops_per_cell"]["total"] > payload["flops_per_cell"]["matmul_total"] > 0
+    assert 0 < payload["encoder"]["fp32_fraction_of_peak"]
+    assert payload["scan"]["forward_s"] > 0 and payload["scan"]["time_over_floor"] > 0
+    assert payload["model"]["gflops"] > 0
+
+
+def test_bench_precision_json(results):
+    payload = _load(results, "precision")
+    assert payload["speedup"] > 0
+    agreement = payload["agreement"]
+    assert agreement["cells"] > 0
+    assert -1.0 <= agreement["cosine_min"] <= agreement["cosine_median"] <= 1.0 + 1e-6
+    assert 0.0 <= agreement["knn_overlap"] <= 1.0
+    assert 0.0 <= agreement["gene_order_position_agreement"] <= 1.0
+    assert isinstance(payload["recommend_bf16_default"], bool)
+
+
+def test_run_all_folds_results_into_summary(results, capsys):
+    assert run_all.main(["--no-run", "--results", str(results)]) == 0
+    summary = json.loads((results / "summary.json").read_text())
+    assert summary["quick"] is False or summary["quick"] is True
+    text = (results / "summary.md").read_text()
+    for section in ("### model", "### peers - peers", "### peers - scaling", "### floor", "### precision"):
+        assert section in text
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        pytest.skip("matplotlib not installed: no plot to check")
+    png = results / "benchmarks.png"
+    assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_flop_count_matches_torch_flop_counter():
+    """bench_floor's analytic matmul FLOPs per cell equal what torch's FlopCounterMode counts in a real forward."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = build_model("panfoma", "panfoma-tiny", quick=True).eval()
+    model.config._attn_implementation = "eager"  # SDPA's CPU kernel is invisible to the counter; eager is matmuls
+    genes = 100  # 4 chunks of 25 genes with chunk size 32
+    inputs = make_inputs(model.config.vocab_size, model.config.n_bins, 1, genes)
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model(**inputs)
+    counted = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
+    expected = bench_floor.panfoma_flops(model.config, genes)
+    linear = counted.get("aten.mm", 0) + counted.get("aten.addmm", 0)
+    assert linear == expected["encoder_linear"] + expected["decoder_linear"]
+    # Batched matmuls: QK^T and AV in every chunk (the attention term), plus the GDS score einsum (2 n d).
+    batched = counted.get("aten.bmm", 0)
+    assert batched == expected["encoder_attention"] + 2 * genes * model.config.hidden_size
+
+
+def test_peers_ignore_padding_and_keep_shapes():
+    """Each peer's states for a cell do not change when the cell is padded in a batch with a longer one."""
+    for kind in ("attention", "bimamba"):
+        model = build_model(kind, "panfoma-tiny", quick=True).eval()
+        long = make_inputs(model.config.vocab_size, model.config.n_bins, 1, 40, seed=1)
+        short = make_inputs(model.config.vocab_size, model.config.n_bins, 1, 25, seed=2)
+        with torch.no_grad():
+            alone_states, alone_pooled = model(**short)
+            batch = {k: torch.cat([short[k].new_full((1, 40), pad), long[k]])
+                     for k, pad in (("input_ids", 0), ("values", model.config.value_pad_id), ("attention_mask", 0))}
+            for k in batch:
+                batch[k][0, :25] = short[k][0]
+            states, pooled = model(**batch)
+        assert states.shape == (2, 40, model.config.hidden_size)
+        torch.testing.assert_close(states[0, :25], alone_states[0], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(pooled[0], alone_pooled[0], atol=1e-5, rtol=1e-4)
+
+
+def test_extrapolation_follows_the_measured_power_law():
+    quadratic = [(1000, 1.0), (2000, 4.0)]
+    assert bench_peers.extrapolate(quadratic, 4000) == pytest.approx(16.0)
+    # Never extrapolates better than linear, even from a flat (overhead-dominated) pair.
+    assert bench_peers.extrapolate([(1000, 2.0), (2000, 2.0)], 4000) == pytest.approx(4.0)
+    assert bench_peers.extrapolate([(1000, 2.0)], 4000) is None
+    assert math.isfinite(bench_peers.extrapolate([(10, 1.0), (20, 3.0)], 40))
