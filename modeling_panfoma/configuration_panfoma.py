@@ -53,8 +53,9 @@ class PanFoMaConfig(PretrainedConfig):
         pooling (`str`): cell embedding (`pooler_output`): "cls+mean" (default; the mean of the
             normalised global CLS vector g of eq. 3 and the masked mean of the decoder outputs),
             "cls" (g only) or "mean" (decoder mean only).
-        mamba_implementation (`str`): "auto" (mamba-ssm kernels on CUDA when installed, else the fast
-            CPU/torch scan, with one warning), "kernel" (mamba-ssm, error if absent) or "torch".
+        mamba_implementation (`str`): "auto" (mamba-ssm kernels on CUDA when installed, else the package's own
+            scan, with one warning on GPU), "kernel" (mamba-ssm, error if absent) or "torch" (never the mamba-ssm
+            kernels: the package's own scan, numba-compiled on CPU with a pure-PyTorch fallback).
         mask_ratio (`float`): fraction of expressed genes whose value is masked in pretraining.
         mvm_loss_weight (`float`): weight of the masked-value cross-entropy over bins.
         mse_loss_weight (`float`): weight of the optional MSE on the continuous normalised value (0 = off).

@@ -474,7 +474,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         torch.manual_seed(0)
         model = PanFoMaForCellClassification(PanFoMaConfig(**{**tester.config.to_dict(), "num_labels": 2})).train()
         if checkpointing:
-            model.gradient_checkpointing_enable()
+            model.activation_checkpointing_enable()
         model(**tester.inputs(), labels=torch.tensor([0, 1, 1])).loss.backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
