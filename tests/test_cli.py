@@ -1,0 +1,62 @@
+"""The `panfoma` console script: entry point, sub-commands, clear errors on bad input."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from panfoma.training.cli import main
+from training_helpers import save_tiny_pretrained, write_tiny_dataset
+
+
+def test_console_script_is_installed_and_lists_commands():
+    exe = shutil.which("panfoma") or pytest.skip("the panfoma console script is not on PATH (pip install -e .)")
+    result = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0
+    for command in ("demo", "pretrain", "finetune", "embed", "build-bench", "evaluate", "push"):
+        assert command in result.stdout
+
+
+def test_no_command_prints_help(capsys):
+    assert main([]) == 2
+    assert "COMMAND" in capsys.readouterr().out
+
+
+def test_pretrain_then_embed_through_the_cli(tmp_path, capsys):
+    import anndata as ad
+    import numpy as np
+    import scipy.sparse as sp
+
+    dataset = write_tiny_dataset(tmp_path / "bench")
+    out = tmp_path / "run"
+    assert main(["pretrain", "--config", "panfoma-tiny-test", "--dataset", str(dataset), "--output-dir", str(out),
+                 "--max-steps", "2", "--save-steps", "0", "--eval-split", "none", "--no-progress",
+                 "--model-override", "num_mamba_layers=1", "--learning-rate", "5e-4"]) == 0
+    import yaml
+
+    saved = yaml.safe_load((out / "pretraining_config.yaml").read_text())
+    assert saved["learning_rate"] == 5e-4 and saved["eval_split"] is None
+    assert saved["model_overrides"]["num_mamba_layers"] == 1 and saved["model_overrides"]["hidden_size"] == 32
+    adata = ad.AnnData(X=sp.csr_matrix(np.random.default_rng(0).poisson(2.0, (6, 5)).astype(np.float32) + 1))
+    adata.var_names = ["CD3E", "ACTB", "GAPDH", "LYZ", "MS4A1"]
+    adata.write_h5ad(tmp_path / "cells.h5ad")
+    assert main(["embed", str(out), str(tmp_path / "cells.h5ad"), "-o", str(tmp_path / "emb.h5ad"),
+                 "--device", "cpu"]) == 0
+    assert ad.read_h5ad(tmp_path / "emb.h5ad").obsm["X_panfoma"].shape == (6, 32)
+    assert "X_panfoma" in capsys.readouterr().out
+
+
+def test_bad_input_gives_one_clear_error_line(tmp_path, caplog):
+    model = save_tiny_pretrained(tmp_path / "model")
+    assert main(["embed", str(model), str(tmp_path / "missing.h5ad"), "-o", str(tmp_path / "o.h5ad")]) == 1
+    assert "does not exist" in caplog.text
+    bad = write_tiny_dataset(tmp_path / "bad", drop_columns=("gene_ids",))
+    caplog.clear()
+    assert main(["pretrain", "--config", "panfoma-tiny-test", "--dataset", str(bad), "--output-dir",
+                 str(tmp_path / "r"), "--no-progress"]) == 1
+    assert "lacks the column(s) ['gene_ids']" in caplog.text
+    with pytest.raises(SystemExit):
+        main(["finetune", "--label-column"])

@@ -1,0 +1,51 @@
+"""`panfoma demo` in its reduced size: every step runs and leaves a loadable model, a plot and a summary."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+
+def test_quick_demo_on_generated_cohort(tmp_path):
+    from transformers import AutoModel, AutoModelForSequenceClassification
+
+    from panfoma.training.demo import format_summary, run_demo
+
+    result = run_demo(tmp_path / "demo", size="quick", source="synthetic", progress=False)
+    summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
+    assert summary["source"] == "synthetic" and summary["split"] == "patient"
+    for track in ("panfoma_finetuned", "panfoma_linear_probe", "pca_logreg_baseline"):
+        assert 0.0 <= summary["test"][track]["accuracy"] <= 1.0 and 0.0 <= summary["test"][track]["macro_f1"] <= 1.0
+    assert result.plot.is_file() and result.plot.suffix == ".png"
+    backbone = AutoModel.from_pretrained(result.model_dir)
+    classifier = AutoModelForSequenceClassification.from_pretrained(result.model_dir)
+    assert type(backbone).__name__ == "PanFoMaModel"
+    assert sorted(classifier.config.id2label.values()) == ["B cell", "T cell", "malignant", "myeloid"]
+    import anndata as ad
+
+    embedded = ad.read_h5ad(tmp_path / "demo" / "embeddings.h5ad")
+    assert embedded.obsm["X_panfoma"].shape == (embedded.n_obs, backbone.config.hidden_size)
+    text = format_summary(result)
+    assert "PCA(50) + logistic regression" in text and "macro-F1" in text
+    # The generated cohort is easy: the baseline must see the cell-type programmes (checks the data, the split
+    # and the baseline code together).
+    assert summary["test"]["pca_logreg_baseline"]["accuracy"] > 0.8
+    with pytest.raises(FileExistsError, match="overwrite"):
+        run_demo(tmp_path / "demo", size="quick", source="synthetic")
+
+
+def test_pbmc_counts_recovered_exactly_from_scanpys_bundled_data(shared_data):
+    pytest.importorskip("scanpy")
+    import anndata as ad
+
+    from panfoma.training.demo import pbmc_counts
+
+    recovered = pbmc_counts()
+    published = ad.read_h5ad(shared_data / "pbmc" / "pbmc68k_reduced_counts.h5ad")
+    assert list(recovered.obs_names) == list(published.obs_names)
+    assert list(recovered.var_names) == list(published.var_names)
+    assert abs(recovered.X - published.X).max() == 0
+    assert recovered.obs["cell_type"].nunique() == 10
+    assert np.array_equal(recovered.obs["cell_type"].to_numpy(), published.obs["cell_type"].astype(str).to_numpy())
