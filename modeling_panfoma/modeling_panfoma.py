@@ -182,16 +182,19 @@ def sort_genes_by_score(
     return by_id.gather(1, order_in_by_id), masked_scores
 
 
-def flip_valid(x: torch.Tensor, lengths: torch.LongTensor) -> torch.Tensor:
+def flip_valid(x: torch.Tensor, lengths: torch.LongTensor, no_padding: bool | None = None) -> torch.Tensor:
     """Reverse the first `lengths[b]` positions of each row of x (b, l, ...); padding stays at the end.
 
     Applying it twice is the identity. Used so the backward Mamba reads each cell's genes in reverse without
     reading its padding first (which would make a row's output depend on how much padding it got).
+    `no_padding` (every length is l), when the caller knows it, saves the check (a device sync on GPU).
     """
     l = x.size(1)
-    if bool((lengths == l).all()):
-        # No padding anywhere (e.g. fixed-size pretraining batches): a plain flip, whose backward is a flip too,
-        # instead of a gather whose backward zero-fills and scatter-adds a (b, l, d) buffer.
+    if no_padding is None:
+        no_padding = bool((lengths == l).all())
+    if no_padding:
+        # e.g. fixed-size pretraining batches: a plain flip, whose backward is a flip too, instead of a gather whose
+        # backward zero-fills and scatter-adds a (b, l, d) buffer.
         return x.flip(1)
     position = torch.arange(l, device=x.device).view(1, l)
     index = torch.where(position < lengths.view(-1, 1), lengths.view(-1, 1) - 1 - position, position)  # (b, l)
@@ -339,11 +342,12 @@ def causal_depthwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     backward) was slower than the whole selective scan, and channels-last input avoids two transposed copies.
     """
     l, kernel = x.size(1), weight.size(-1)
-    taps = weight.view(weight.size(0), kernel).t()  # (e, 1, k) -> (k, e)
-    padded = F.pad(x, (0, 0, kernel - 1, 0))  # zeros before t = 0: (b, l + k - 1, e)
-    out = padded[:, :l] * taps[0] if bias is None else torch.addcmul(bias, padded[:, :l], taps[0])
-    for j in range(1, kernel):
-        out = torch.addcmul(out, padded[:, j : j + l], taps[j])  # (b, l, e)
+    taps = weight.view(weight.size(0), kernel).t()  # (e, 1, k) -> (k, e); tap k - 1 multiplies x_t itself
+    out = x * taps[-1] if bias is None else torch.addcmul(bias, x, taps[-1])  # (b, l, e)
+    for j in range(kernel - 1):
+        shift = kernel - 1 - j  # tap j reads x_{t - shift}; the first `shift` outputs see only zero padding
+        if shift < l:
+            out[:, shift:].addcmul_(x[:, : l - shift], taps[j])  # in place: no padded copy of x
     return out
 
 
@@ -431,13 +435,19 @@ class PanFoMaBiMambaLayer(GradientCheckpointingLayer):
         self.gate = nn.Linear(config.hidden_size, config.hidden_size)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
-    def forward(self, hidden_states: torch.Tensor, lengths: torch.LongTensor, valid: torch.Tensor) -> torch.Tensor:
-        x = self.norm(hidden_states) * valid.unsqueeze(-1).to(hidden_states.dtype)  # (b, l, d), padding zeroed
+    def forward(
+        self, hidden_states: torch.Tensor, lengths: torch.LongTensor, valid: torch.Tensor, no_padding: bool = False
+    ) -> torch.Tensor:
+        """`no_padding=True` promises that every row is full (`valid` all true): the padding masks are skipped."""
+        x = self.norm(hidden_states)  # (b, l, d)
+        if not no_padding:
+            x = x * valid.unsqueeze(-1).to(x.dtype)  # padding zeroed
         forward_states = self.forward_mamba(x)
-        backward_states = flip_valid(self.backward_mamba(flip_valid(x, lengths)), lengths)
+        backward_states = flip_valid(self.backward_mamba(flip_valid(x, lengths, no_padding)), lengths, no_padding)
         gamma = torch.sigmoid(self.gate(x))  # eq. 5
         fused = torch.lerp(backward_states, forward_states, gamma)  # eq. 6: gamma * fwd + (1 - gamma) * bwd, one op
-        fused = fused * valid.unsqueeze(-1).to(fused.dtype)
+        if not no_padding:
+            fused = fused * valid.unsqueeze(-1).to(fused.dtype)
         return hidden_states + self.dropout(fused)
 
 
@@ -602,6 +612,7 @@ class PanFoMaModel(PanFoMaPreTrainedModel):
                 "Drop empty cells before encoding."
             )
         b, n = input_ids.shape
+        no_padding = bool((lengths == n).all())  # one host sync here instead of one per decoder layer
 
         # Valid genes first (their relative order kept): the chunk layout is then a function of the lengths alone.
         compaction = compact_valid_first(valid)  # (b, n)
@@ -643,7 +654,7 @@ class PanFoMaModel(PanFoMaPreTrainedModel):
         # BSGF: bidirectional Mamba layers over the sorted genes.
         hidden = sorted_states
         for layer in self.decoder_layers:
-            hidden = layer(hidden, lengths, sorted_valid)
+            hidden = layer(hidden, lengths, sorted_valid, no_padding=no_padding)
             if output_hidden_states:
                 all_hidden.append(self._unsort(hidden, order, sorted_valid))
         hidden = self.decoder_norm(hidden) * sorted_valid.unsqueeze(-1).to(hidden.dtype)
