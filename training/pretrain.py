@@ -204,6 +204,8 @@ def preset_config_path(name: str) -> Path:
 def load_pretraining_config(config: str | os.PathLike | None = None, **overrides: Any) -> PretrainingConfig:
     """Defaults <- YAML file (a path or a bundled preset name) <- `overrides`; validated.
 
+    Every keyword given overrides, None included (`eval_split=None` disables evaluation).
+
     Example:
         >>> cfg = load_pretraining_config("panfoma-tiny-test", dataset="bench", max_steps=2)
         >>> cfg.max_steps, cfg.model_overrides["hidden_size"]
@@ -221,7 +223,7 @@ def load_pretraining_config(config: str | os.PathLike | None = None, **overrides
     known = {f.name for f in fields(PretrainingConfig)}
     model_overrides = dict(values.get("model_overrides") or {})
     model_overrides.update(overrides.pop("model_overrides", None) or {})
-    values.update({k: (None if v == EXPLICIT_NONE else v) for k, v in overrides.items() if v is not None})
+    values.update({k: (None if v == EXPLICIT_NONE else v) for k, v in overrides.items()})
     values["model_overrides"] = model_overrides
     unknown = sorted(set(values) - known)
     if unknown:
@@ -757,7 +759,9 @@ def _parse_overrides(items: Sequence[str]) -> dict:
 
 def config_from_args(args: argparse.Namespace) -> PretrainingConfig:
     """The `PretrainingConfig` of parsed `add_pretrain_arguments` options."""
-    overrides = {f.name: getattr(args, f.name) for f in fields(PretrainingConfig) if f.name not in _CLI_SKIP}
+    # A flag left out is None here and must not override the YAML file.
+    overrides = {f.name: getattr(args, f.name) for f in fields(PretrainingConfig)
+                 if f.name not in _CLI_SKIP and getattr(args, f.name) is not None}
     overrides["model_overrides"] = _parse_overrides(args.model_override)
     return load_pretraining_config(args.config, **overrides)
 
