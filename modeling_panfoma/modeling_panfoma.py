@@ -334,21 +334,15 @@ def _use_kernel(config: PanFoMaConfig, x: torch.Tensor) -> bool:
     return usable
 
 
-def causal_depthwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """Mamba's causal depthwise conv1d on channels-last input: x (b, l, e) -> (b, l, e).
+def _weight_times(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """weight (o, i) @ x (b, i, l) -> (b, o, l), written by the GEMM straight into that layout.
 
-    Equals `conv1d(x.transpose(1, 2), weight, bias, groups=e, padding=k - 1)[..., :l].transpose(1, 2)` for the
-    `nn.Conv1d` weight (e, 1, k), written as k shifted multiply-adds: on CPU, oneDNN's depthwise conv (and its
-    backward) was slower than the whole selective scan, and channels-last input avoids two transposed copies.
+    `torch.matmul` would fold this into (b*l, i) @ (i, o) and then copy the result into (b, o, l).
     """
-    l, kernel = x.size(1), weight.size(-1)
-    taps = weight.view(weight.size(0), kernel).t()  # (e, 1, k) -> (k, e); tap k - 1 multiplies x_t itself
-    out = x * taps[-1] if bias is None else torch.addcmul(bias, x, taps[-1])  # (b, l, e)
-    for j in range(kernel - 1):
-        shift = kernel - 1 - j  # tap j reads x_{t - shift}; the first `shift` outputs see only zero padding
-        if shift < l:
-            out[:, shift:].addcmul_(x[:, : l - shift], taps[j])  # in place: no padded copy of x
-    return out
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        weight, x = weight.to(dtype), x.to(dtype)
+    return torch.bmm(weight.unsqueeze(0).expand(x.size(0), -1, -1), x)
 
 
 class PanFoMaMambaMixer(nn.Module):
@@ -394,26 +388,28 @@ class PanFoMaMambaMixer(nn.Module):
         init.copy_(self.dt_proj.bias, dt + torch.log(-torch.expm1(-dt)))  # inverse of softplus
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        b, l, _ = hidden_states.shape
         use_kernel = _use_kernel(self.config, hidden_states)
-        xz = self.in_proj(hidden_states)  # (b, l, 2e)
+        # Channels-first projections (weight @ input^T): every tensor the scan reads comes out of a matmul already in
+        # its (b, e, l) / (b, s, l) layout, so no transposed copies and no strided elementwise ops are needed.
+        xz = _weight_times(self.in_proj.weight, hidden_states.transpose(1, 2))  # (2e, d) @ (b, d, l) -> (b, 2e, l)
+        if self.in_proj.bias is not None:
+            xz = xz + self.in_proj.bias.to(xz.dtype).unsqueeze(-1)
+        x, z = xz.chunk(2, dim=1)  # (b, e, l) each
         conv_fn = _kernel_conv1d() if use_kernel else None
         if conv_fn is not None:
-            x, z = xz.transpose(1, 2).chunk(2, dim=1)  # (b, e, l) each
             x = conv_fn(x.contiguous(), self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu")
-            x_rows = x.transpose(1, 2)  # (b, l, e)
         else:
-            x_rows, z_rows = xz.chunk(2, dim=-1)  # (b, l, e) each
-            x_rows = F.silu(causal_depthwise_conv(x_rows, self.conv1d.weight, self.conv1d.bias))  # (b, l, e)
-            x, z = x_rows.transpose(1, 2), z_rows.transpose(1, 2)  # (b, e, l) views for the scan
-        x_dbl = self.x_proj(x_rows)  # (b, l, r + 2s)
-        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt = (dt @ self.dt_proj.weight.t()).transpose(1, 2)  # (b, e, l); the bias goes in as delta_bias
+            x = F.silu(self.conv1d(x)[..., :l])  # causal: keep the first l outputs of the padded conv
+        x_dbl = _weight_times(self.x_proj.weight, x)  # (r + 2s, e) @ (b, e, l) -> (b, r + 2s, l)
+        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=1)  # (b, r | s | s, l)
+        dt = _weight_times(self.dt_proj.weight, dt)  # (e, r) @ (b, r, l) -> (b, e, l); bias goes in as delta_bias
         y = selective_scan(
             x,
             dt,
             -torch.exp(self.A_log.float()),
-            B.transpose(1, 2),  # (b, s, l)
-            C.transpose(1, 2),  # (b, s, l)
+            B,  # (b, s, l)
+            C,  # (b, s, l)
             D=self.D.float(),
             z=z,
             delta_bias=self.dt_proj.bias.float(),
