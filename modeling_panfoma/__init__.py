@@ -32,7 +32,12 @@ AutoModelForSequenceClassification.register(PanFoMaConfig, PanFoMaForCellClassif
 
 # The processor lives in panfoma.tokenization (it imports the config from here, never the reverse); importing it
 # last registers it with AutoFeatureExtractor / AutoProcessor.
-from .tokenization import PanFoMaGeneProcessor, PanFoMaGeneVocab, register_auto_classes  # noqa: E402
+from .tokenization import (  # noqa: E402
+    PanFoMaDataCollator,
+    PanFoMaGeneProcessor,
+    PanFoMaGeneVocab,
+    register_auto_classes,
+)
 
 register_auto_classes()
 
@@ -46,6 +51,7 @@ __all__ = [
     "PanFoMaModelOutput",
     "PanFoMaForPreTrainingOutput",
     "PanFoMaForCellClassificationOutput",
+    "PanFoMaDataCollator",
     "PanFoMaGeneProcessor",
     "PanFoMaGeneVocab",
     "available_scan_backends",
