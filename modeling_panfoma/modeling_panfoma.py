@@ -334,14 +334,18 @@ def _use_kernel(config: PanFoMaConfig, x: torch.Tensor) -> bool:
     return usable
 
 
-def _weight_times(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """weight (o, i) @ x (b, i, l) -> (b, o, l), written by the GEMM straight into that layout.
+def _weight_times(weight: torch.Tensor, x: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+    """weight (o, i) @ x (b, i, l) -> (b, o, l), written by the GEMM straight into that layout; with `transpose`,
+    the transposed product x^T @ weight^T -> (b, l, o).
 
-    `torch.matmul` would fold this into (b*l, i) @ (i, o) and then copy the result into (b, o, l).
+    `torch.matmul` / `nn.Linear` would fold these into 2-D products and copy inputs or results between the
+    (b, i, l) and (b, l, i) layouts; a batched GEMM reads either layout in place.
     """
     if torch.is_autocast_enabled(x.device.type):
         dtype = torch.get_autocast_dtype(x.device.type)
         weight, x = weight.to(dtype), x.to(dtype)
+    if transpose:
+        return torch.bmm(x.transpose(1, 2), weight.t().unsqueeze(0).expand(x.size(0), -1, -1))
     return torch.bmm(weight.unsqueeze(0).expand(x.size(0), -1, -1), x)
 
 
@@ -416,7 +420,11 @@ class PanFoMaMambaMixer(nn.Module):
             delta_softplus=True,
             backend="kernel" if use_kernel else "auto",
         )  # (b, e, l)
-        return self.out_proj(y.transpose(1, 2))  # (b, l, d)
+        if b == 1:  # (1, l, e) is a plain transposed matrix: nn.Linear reads it in place (and its backward is faster)
+            return self.out_proj(y.transpose(1, 2))  # (b, l, d)
+        # (b, e, l)^T @ (e, d): the batched GEMM reads y transposed in place (nn.Linear would copy it for b > 1).
+        out = _weight_times(self.out_proj.weight, y, transpose=True)  # (b, l, d)
+        return out if self.out_proj.bias is None else out + self.out_proj.bias.to(out.dtype)
 
 
 class PanFoMaBiMambaLayer(GradientCheckpointingLayer):
