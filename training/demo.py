@@ -60,8 +60,8 @@ class DemoSize:
 SIZES: dict[str, DemoSize] = {
     "default": DemoSize(
         model_overrides=dict(hidden_size=64, num_attention_heads=4, intermediate_size=128, state_size=8,
-                             num_encoder_layers=3, num_mamba_layers=2, gene_chunk_size=128, hidden_dropout_prob=0.1),
-        max_genes=256, pretrain_steps=60, finetune_epochs=6.0, finetune_max_steps=-1, batch_size=16,
+                             num_encoder_layers=2, num_mamba_layers=2, gene_chunk_size=128, hidden_dropout_prob=0.1),
+        max_genes=256, pretrain_steps=150, finetune_epochs=15.0, finetune_max_steps=-1, batch_size=16,
     ),
     "quick": DemoSize(
         model_overrides=dict(hidden_size=32, num_attention_heads=2, intermediate_size=64, state_size=4,
@@ -237,7 +237,7 @@ class DemoResult:
     panfoma: dict
     baseline: dict
     linear_probe: dict
-    plot: Path
+    plot: Path | None
     model_dir: Path
     seconds: dict = field(default_factory=dict)
 
@@ -306,7 +306,7 @@ def run_demo(output_dir: str | os.PathLike = "panfoma-demo", *, size: str = "def
     splits, label_names = prepare_splits(_load_dataset_dict(dataset_dir), "cell_type", split_by, seed=seed)
     result = finetune(pretrained, dataset_dir, model_dir, label_column="cell_type", split_by=split_by,
                       num_train_epochs=plan.finetune_epochs, max_steps=plan.finetune_max_steps, learning_rate=1e-3,
-                      per_device_train_batch_size=plan.batch_size, early_stopping_patience=2, seed=seed,
+                      per_device_train_batch_size=plan.batch_size, early_stopping_patience=3, seed=seed,
                       progress=progress, logging_steps=10)
     timings["finetune"] = time.perf_counter() - clock
 
@@ -332,11 +332,15 @@ def run_demo(output_dir: str | os.PathLike = "panfoma-demo", *, size: str = "def
     probe_pred = probe.predict(embedding[test_rows])
     linear_probe = {"accuracy": float(accuracy_score(test_y, probe_pred)),
                     "macro_f1": float(f1_score(test_y, probe_pred, average="macro", zero_division=0))}
-    plot_path = out / "umap.png"
-    method = _plot(embedding, cells.obs["cell_type"].astype(str), plot_path,
-                   f"PanFoMa embeddings, {source} ({cells.n_obs} cells)", seed, plan.plot)
-    if method != "UMAP":
-        plot_path = plot_path.rename(out / "pca.png")
+    plot_path: Path | None = out / "umap.png"
+    try:
+        method = _plot(embedding, cells.obs["cell_type"].astype(str), plot_path,
+                       f"PanFoMa embeddings, {source} ({cells.n_obs} cells)", seed, plan.plot)
+        if method != "UMAP":
+            plot_path = plot_path.rename(out / "pca.png")
+    except ImportError:
+        logger.warning("matplotlib is not installed (pip install matplotlib umap-learn): no plot written")
+        plot_path = None
     timings["evaluate"] = time.perf_counter() - clock
 
     panfoma_metrics = {k: float(result.test_metrics[k]) for k in ("accuracy", "macro_f1")} if result.test_metrics else {}
@@ -349,7 +353,8 @@ def run_demo(output_dir: str | os.PathLike = "panfoma-demo", *, size: str = "def
         "source": source, "size": size, "split": split_by, "cells": summary.n_cells,
         "test": {"panfoma_finetuned": panfoma_metrics, "panfoma_linear_probe": linear_probe,
                  "pca_logreg_baseline": baseline},
-        "labels": label_names, "model_dir": str(model_dir), "plot": str(plot_path), "seconds": summary.seconds,
+        "labels": label_names, "model_dir": str(model_dir), "plot": str(plot_path) if plot_path else None,
+        "seconds": summary.seconds,
     }, indent=2))
     return summary
 
