@@ -1,15 +1,22 @@
-"""The committed small real evaluation run: all five tasks on ../shared/data.
+"""The committed small real evaluation run: all five tasks on ../shared/data, PanFoMa beside PCA baselines.
 
 Usage (from the repository root):
 
-    OMP_NUM_THREADS=1 python benchmarks/run_eval.py [--data-dir ../shared/data] [--out benchmarks/results]
-        [--embedding control|model] [--model PATH]
+    OMP_NUM_THREADS=1 python benchmarks/run_eval.py --model runs/eval-model/model [--finetune-steps 60]
+        [--data-dir ../shared/data] [--out benchmarks/results] [--tasks pancancer annotation ...]
+    OMP_NUM_THREADS=1 python benchmarks/run_eval.py            # no model: the MODEL-FREE CONTROL (smoke run)
 
-Until a trained PanFoMa checkpoint exists, the cell embedding is a MODEL-FREE CONTROL (a fixed random
-projection of log-normalised expression, `random_projection_embedder`) and the gene embedding is a fixed
-random vector per gene (`random_gene_vectors`); their tracks are named `control_*`, never `panfoma_*`.
-Every baseline and every metric is the real one. With `--embedding model --model PATH`, the
-PanFoMa checkpoint is used through `panfoma.training.embed` (cell tasks only).
+With `--model PATH` (a PanFoMa folder with its processor, e.g. the one `benchmarks/pretrain_eval_model.py`
+writes), every cell task gets the PanFoMa zero-shot track (frozen `pooler_output` embeddings through
+`panfoma.training.evaluation.model_embed_fn`: a linear probe for the supervised tasks, scIB metrics for
+integration and multi-omic) and gene programs use its gene-token embeddings. The PBMC annotation also gets a
+fine-tuned track (`model_finetune_fn`: the checkpoint fine-tuned as a classifier for `--finetune-steps` steps on
+the training cells, best validation macro-F1 kept); `--finetune-steps 0` skips it. Tracks are named `panfoma_*`.
+
+Without `--model`, the cell embedding is a MODEL-FREE CONTROL (a fixed random projection of log-normalised
+expression, `random_projection_embedder`) and the gene embedding a fixed random vector per gene
+(`random_gene_vectors`); their tracks are named `control_*`, never `panfoma_*`. Every baseline and every
+metric is the real one in both modes.
 
 Data choices (all files are tiny public datasets, see ../shared/data/README.md):
 - pan-cancer: the five cancer/ studies, genes standardised to HGNC symbols and intersected, study =
@@ -28,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -86,41 +94,89 @@ def load_cite(data_dir: Path):
     return cite, proteins
 
 
+def _model_note(model: str) -> str:
+    """What the checkpoint is, read from the pretraining summary next to it when there is one."""
+    summary_path = Path(model).resolve().parent / "pretrain_summary.json"
+    note = f"PanFoMa checkpoint: {model}."
+    if summary_path.is_file():
+        summary = json.loads(summary_path.read_text())
+        note += (f" Pretrained from random initialisation by benchmarks/pretrain_eval_model.py: "
+                 f"{summary['model']['parameters']:,} parameters, {summary['schedule']['steps']} steps of "
+                 f"{summary['schedule']['batch_size']} cells on the {summary['bench']['splits'].get('train')} train "
+                 f"cells of all ../shared/data files (masked-value loss {summary['loss_first'][1]:.3f} -> "
+                 f"{summary['loss_last'][1]:.3f}). The evaluated cells were in that unlabelled pretraining set "
+                 "(self-supervised, no labels); a pipeline demonstration, not the paper's model.")
+    return note
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", type=Path, default=REPO.parent / "shared" / "data")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
-    parser.add_argument("--embedding", choices=("control", "model"), default="control")
-    parser.add_argument("--model", default=None)
+    parser.add_argument("--model", default=None,
+                        help="PanFoMa folder (model + processor): its tracks replace the model-free control")
+    parser.add_argument("--embedding", choices=("control", "model"), default=None,
+                        help="kept for older command lines: 'model' needs --model; default: model iff --model")
+    parser.add_argument("--finetune-steps", type=int, default=60,
+                        help="fine-tuned track of the PBMC annotation (optimiser steps; 0 skips it; needs --model)")
+    parser.add_argument("--batch-size", type=int, default=64, help="embedding batch size (--model)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--tasks", nargs="+", default=["pancancer", "annotation", "integration", "gene_programs", "multiomic"])
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 
     import anndata as ad
+    import torch
 
     from panfoma.training import evaluation as ev
 
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     if not args.data_dir.exists():
         logger.error("data folder %s not found", args.data_dir)
         return 2
-    if args.embedding == "model":
-        if not args.model:
-            parser.error("--embedding model needs --model PATH")
-        embed_fn, gene_fn = ev.model_embed_fn(args.model)
+    if args.embedding == "model" and not args.model:
+        parser.error("--embedding model needs --model PATH")
+    use_model = args.model is not None and args.embedding != "control"
+    if args.finetune_steps < 0:
+        parser.error("--finetune-steps must be >= 0")
+    finetune_fn = None
+    if use_model:
+        embed_fn, gene_fn = ev.model_embed_fn(args.model, batch_size=args.batch_size)
         model_name = "panfoma"
+        model_note = _model_note(args.model)
+        if args.finetune_steps:
+            finetune_fn = ev.model_finetune_fn(args.model, REPO / "runs" / "eval-finetune",
+                                               max_steps=args.finetune_steps, eval_every=max(1, args.finetune_steps // 4))
     else:
         embed_fn, gene_fn = ev.random_projection_embedder(n_components=64, seed=0), None
         model_name = "control_random_projection"
+        model_note = ("Cell embedding = MODEL-FREE CONTROL (fixed random projection of log-normalised expression), "
+                      "not PanFoMa: no checkpoint was given to this run.")
+    seeds = tuple(args.seeds)
     command = "python benchmarks/run_eval.py " + " ".join(argv if argv is not None else sys.argv[1:])
     timings = {}
+    date = time.strftime("%Y-%m-%d %H:%M %Z")
 
-    def finish(report, subdir):
+    def finish(report, subdir, *notes):
         report["command"] = command
-        report.setdefault("notes", []).insert(0, (
-            "Cell embedding = MODEL-FREE CONTROL (fixed random projection of log-normalised expression), "
-            "not PanFoMa: no trained checkpoint was available for this run." if model_name != "panfoma"
-            else f"PanFoMa checkpoint: {args.model}"))
-        ev.write_report(report, args.out / subdir)
+        report["date"] = date
+        report.setdefault("notes", [])[:0] = [model_note, *notes]
+        out = args.out / subdir
+        if out.is_dir():
+            # A previous run may have had other tracks (e.g. the control's confusion plots): start clean.
+            for old in out.glob("eval_*"):
+                old.unlink()
+        ev.write_report(report, out)
+
+    def embedded(adata, what: str):
+        """`adata` with the cell embedding in obsm["X_eval"], computed once and shared by the tasks using it."""
+        t0 = time.perf_counter()
+        adata.obsm["X_eval"] = embed_fn(adata)
+        timings[f"embed_{what}"] = time.perf_counter() - t0
+        return adata
+
+    shared_note = ("The cell embedding was computed once per dataset (all its cells, before any split) and read "
+                   "from obsm['X_eval']: frozen embeddings need no training, so no test information enters them.")
 
     if "pancancer" in args.tasks:
         t0 = time.perf_counter()
@@ -131,28 +187,48 @@ def main(argv=None) -> int:
             part.obs_names = [f"{path.stem}:{n}" for n in part.obs_names]
             parts.append(part)
         cancer = ad.concat(parts, join="inner")
-        finish(ev.evaluate_pancancer(cancer, embed_fn, model_name=model_name, study_key="dataset",
+        finish(ev.evaluate_pancancer(cancer, embed_fn, model_name=model_name, study_key="dataset", seeds=seeds,
                                      dataset_name=f"cancer/*.h5ad (5 studies, {cancer.n_vars} shared genes)"),
                "eval_pancancer")
         timings["pancancer"] = time.perf_counter() - t0
 
+    lung = None
     if "annotation" in args.tasks:
         t0 = time.perf_counter()
         pbmc = ad.read_h5ad(args.data_dir / "pbmc" / "pbmc68k_reduced_counts.h5ad")
-        finish(ev.evaluate_annotation(pbmc, embed_fn, model_name=model_name, n_top_genes=500,
-                                      dataset_name="pbmc68k_reduced_counts (765 HVGs only)"), "eval_annotation_pbmc68k")
-        lung = ev.standardize_gene_names(ad.read_h5ad(args.data_dir / "cancer" / "cellbench_lung_celllines.h5ad"))
+        notes = []
+        if finetune_fn is not None:
+            notes.append(f"Fine-tuned track: PanFoMaForCellClassification from the checkpoint, {args.finetune_steps} "
+                         "optimiser steps of 16 cells on the training cells (AdamW, lr 5e-4, 10% warmup), validation "
+                         f"macro-F1 checked every {max(1, args.finetune_steps // 4)} steps, best kept "
+                         "(transformers.Trainer, panfoma.training.evaluation.model_finetune_fn).")
+        finish(ev.evaluate_annotation(pbmc, embed_fn, finetune_fn=finetune_fn, model_name=model_name, n_top_genes=500,
+                                      seeds=seeds, dataset_name="pbmc68k_reduced_counts (765 HVGs only)"),
+               "eval_annotation_pbmc68k", *notes)
+        timings["annotation_pbmc68k"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        lung = embedded(ev.standardize_gene_names(ad.read_h5ad(args.data_dir / "cancer" / "cellbench_lung_celllines.h5ad")),
+                        "lung")
         is_query = (lung.obs["batch"] == "sc_dropseq").to_numpy()
-        finish(ev.evaluate_annotation(lung[~is_query].copy(), embed_fn, query=lung[is_query].copy(), model_name=model_name,
+        notes = [shared_note]
+        if finetune_fn is not None:
+            notes.append("No fine-tuned track here: fine-tuning on ~1,000 cells with ~5,000 detected genes each does "
+                         "not fit this run's CPU budget (it does for the PBMC annotation).")
+        finish(ev.evaluate_annotation(lung[~is_query].copy(), embedding_key="X_eval", query=lung[is_query].copy(),
+                                      model_name=model_name, seeds=seeds,
                                       dataset_name="cellbench lung cell lines: CEL-seq2 (4 batches) -> Drop-seq"),
-               "eval_annotation_cellbench_transfer")
-        timings["annotation"] = time.perf_counter() - t0
+               "eval_annotation_cellbench_transfer", *notes)
+        timings["annotation_cellbench"] = time.perf_counter() - t0
 
     if "integration" in args.tasks:
         t0 = time.perf_counter()
-        lung = ev.standardize_gene_names(ad.read_h5ad(args.data_dir / "cancer" / "cellbench_lung_celllines.h5ad"))
-        finish(ev.evaluate_integration(lung, embed_fn, model_name=model_name, seeds=(0, 1, 2),
-                                       dataset_name="cellbench lung cell lines (5 batches)"), "eval_integration")
+        if lung is None:
+            lung = embedded(ev.standardize_gene_names(
+                ad.read_h5ad(args.data_dir / "cancer" / "cellbench_lung_celllines.h5ad")), "lung")
+        finish(ev.evaluate_integration(lung, embedding_key="X_eval", model_name=model_name, seeds=seeds,
+                                       dataset_name="cellbench lung cell lines (5 batches)"),
+               "eval_integration", shared_note,
+               *(["No fine-tuned track: no fine-tuned embedding model was trained in this run."] if use_model else []))
         timings["integration"] = time.perf_counter() - t0
 
     cite = None
@@ -163,31 +239,32 @@ def main(argv=None) -> int:
             cite_genes = ev.standardize_gene_names(cite)
             gene_emb, genes = gene_fn(list(cite_genes.var_names))
             report = ev.evaluate_gene_programs(gene_emb, genes, cite_genes, embedding_name="panfoma_gene_embedding",
-                                               dataset_name="PBMC CITE-seq 5k+10k (RNA, 400 cells)")
+                                               seeds=seeds, dataset_name="PBMC CITE-seq 5k+10k (RNA, 400 cells)")
+            notes = ["Gene embedding = the model's input gene-token embeddings (Emb_id), as trained by the short "
+                     "pretraining."]
         else:
             genes = list(cite.var_names)
             report = ev.evaluate_gene_programs(ev.random_gene_vectors(genes, 64, seed=0), genes, cite,
-                                               embedding_name="control_random_gene_vectors",
+                                               embedding_name="control_random_gene_vectors", seeds=seeds,
                                                dataset_name="PBMC CITE-seq 5k+10k (RNA, 400 cells)")
-            report.setdefault("notes", []).append(
-                "Gene embedding = MODEL-FREE CONTROL (random vector per gene): expect AUROC ~0.5.")
-        finish(report, "eval_gene_programs")
+            notes = ["Gene embedding = MODEL-FREE CONTROL (random vector per gene): expect AUROC ~0.5."]
+        finish(report, "eval_gene_programs", *notes)
         timings["gene_programs"] = time.perf_counter() - t0
 
     if "multiomic" in args.tasks:
         t0 = time.perf_counter()
         if cite is None:
             cite, _ = load_cite(args.data_dir)
-        report = ev.evaluate_multiomic(cite, embed_fn, model_name=model_name, seeds=(0, 1, 2),
+        report = ev.evaluate_multiomic(cite, embed_fn, model_name=model_name, seeds=seeds,
                                        dataset_name="PBMC CITE-seq 5k+10k (400 cells, 2 batches)")
-        report.setdefault("notes", []).append(
-            "Labels gated from protein markers (CD3/CD4/CD8a/CD14/CD16/CD19/CD56, 2-means thresholds on CLR values): "
-            "embeddings that contain protein are favoured by construction; compare RNA+protein tracks with each other.")
         report["data"]["label_source"] = "protein gating (run_eval.gate_protein_labels)"
-        finish(report, "eval_multiomic")
+        finish(report, "eval_multiomic",
+               "Labels gated from protein markers (CD3/CD4/CD8a/CD14/CD16/CD19/CD56, 2-means thresholds on CLR values): "
+               "embeddings that contain protein are favoured by construction; compare RNA+protein tracks with each other.")
         timings["multiomic"] = time.perf_counter() - t0
 
-    (args.out / "eval_timings.json").write_text(json.dumps({k: round(v, 1) for k, v in timings.items()}, indent=2))
+    (args.out / "eval_timings.json").write_text(json.dumps(
+        {"command": command, "date": date, "seconds": {k: round(v, 1) for k, v in timings.items()}}, indent=2))
     logger.info("timings (s): %s", timings)
     return 0
 

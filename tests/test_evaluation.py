@@ -357,3 +357,56 @@ def test_multiomic_end_to_end():
     assert report["data"]["batches"] and len(report["data"]["batches"]) == 2
     # labels are protein-gated, so adding the protein block must help the RNA-only control
     assert tracks["control_rna+protein"]["summary"]["Avg_bio"]["mean"] > tracks["control_rna_only"]["summary"]["Avg_bio"]["mean"]
+
+
+# ---------------------------------------------------------------------------------------------
+# the real-model path: a saved PanFoMa checkpoint through model_embed_fn / model_finetune_fn
+# ---------------------------------------------------------------------------------------------
+def test_annotation_with_a_real_panfoma_checkpoint(tmp_path):
+    """A real (tiny, untrained) PanFoMa checkpoint, saved and loaded as a user would, runs the annotation task."""
+    from training_helpers import save_tiny_pretrained
+
+    from panfoma.training.embed import embed_adata, load_model_and_processor
+
+    pbmc = _subset(ad.read_h5ad(need_data("pbmc", "pbmc68k_reduced_counts.h5ad")), 150)
+    # Keep classes with enough cells for stratified test/validation splits of 150 cells.
+    common = pbmc.obs["cell_type"].value_counts()
+    pbmc = pbmc[pbmc.obs["cell_type"].isin(common.index[common >= 12])].copy()
+    checkpoint = save_tiny_pretrained(tmp_path / "model", max_genes=64)
+    embed_fn, gene_fn = ev.model_embed_fn(str(checkpoint), batch_size=32, device="cpu")
+
+    emb = embed_fn(pbmc)
+    model, processor = load_model_and_processor(checkpoint, device="cpu")
+    assert emb.shape == (pbmc.n_obs, model.config.hidden_size)
+    # the hook is the library path, not a stand-in: same numbers as embed_adata, independent of the batch size
+    np.testing.assert_allclose(emb, embed_adata(model, processor, pbmc, batch_size=7, progress=False), atol=1e-5)
+    assert np.unique(emb.round(4), axis=0).shape[0] == pbmc.n_obs  # every cell gets its own embedding
+
+    gene_emb, symbols = gene_fn(["CD3E", "LYZ", "NOT_A_GENE_XYZ"])
+    assert symbols == sorted(symbols, key=processor.vocab.token_to_id) and set(symbols) == {"CD3E", "LYZ"}
+    table = model.get_input_embeddings().weight.detach().numpy()
+    np.testing.assert_allclose(gene_emb, table[[processor.vocab.token_to_id(s) for s in symbols]])
+
+    seen = []
+    finetune = ev.model_finetune_fn(str(checkpoint), tmp_path / "ft", max_steps=2, eval_every=1, device="cpu")
+
+    def recording_finetune(train, val, label_key, seed):
+        seen.append((set(train.obs_names), set(val.obs_names)))
+        return finetune(train, val, label_key, seed)
+
+    report = ev.evaluate_annotation(pbmc, embed_fn, finetune_fn=recording_finetune, seeds=(0,), output_dir=tmp_path,
+                                    **SMALL)
+    assert set(report["tracks"]) == {"panfoma_linear_probe", "panfoma_finetuned", "baseline_pca_hvg"}
+    assert report["protocol"]["embedding"] == f"embed_fn panfoma:{checkpoint}"
+    train_cells, val_cells = seen[0]
+    assert train_cells and val_cells and not train_cells & val_cells
+    # the fine-tuned model predicts cell types of the training set for every test cell
+    predicted = pd.DataFrame(report["confusion_first_seed"]["panfoma_finetuned"]).fillna(0)
+    assert set(predicted.columns) <= set(pbmc.obs["cell_type"])
+    assert int(predicted.to_numpy().sum()) == report["data"]["n_reference_cells"] - len(train_cells) - len(val_cells)
+    assert not (tmp_path / "ft" / "seed0-1").exists()  # fine-tuning checkpoints are cleaned up
+
+
+def test_model_finetune_fn_rejects_bad_schedule():
+    with pytest.raises(ValueError, match="positive integers"):
+        ev.model_finetune_fn("unused", "unused", max_steps=0)

@@ -89,6 +89,7 @@ __all__ = [
     "add_evaluate_arguments",
     "run_evaluate",
     "model_embed_fn",
+    "model_finetune_fn",
 ]
 
 
@@ -1178,6 +1179,122 @@ def model_embed_fn(model_name_or_path: str, batch_size: int = 64, device: str | 
 
     embed.__name__ = f"panfoma:{model_name_or_path}"
     return embed, genes
+
+
+def _cells_as_rows(adata, processor) -> dict[str, list]:
+    """``gene_ids`` / ``counts`` rows (the PanFoMaBench layout the data collator reads) for each cell of ``adata``.
+
+    Gene names are mapped with the processor's vocabulary; unmapped genes are dropped and genes mapping to the
+    same token are summed, as the processor does when it embeds.
+    """
+    matrix = adata.X
+    matrix = sp.csr_matrix(matrix) if not sp.issparse(matrix) else matrix.tocsr()
+    mapping = processor.map_genes(list(adata.var_names), adata)
+    mapped = np.flatnonzero(mapping.ids >= 0)
+    tokens, column_of = np.unique(mapping.ids[mapped], return_inverse=True)
+    # (n_genes, n_tokens_present) 0/1 matrix: drops unmapped genes and sums genes that share a token.
+    projection = sp.csr_matrix((np.ones(mapped.size), (mapped, column_of)), shape=(adata.n_vars, tokens.size))
+    projected = (matrix.astype(np.float64) @ projection).tocsr()
+    projected.eliminate_zeros()
+    projected.sort_indices()
+    rows: dict[str, list] = {"idx": [], "gene_ids": [], "counts": []}
+    for i in range(projected.shape[0]):
+        lo, hi = projected.indptr[i], projected.indptr[i + 1]
+        rows["idx"].append(i)
+        rows["gene_ids"].append(tokens[projected.indices[lo:hi]].astype(np.int32).tolist())
+        rows["counts"].append(projected.data[lo:hi].astype(np.float32).tolist())
+    return rows
+
+
+def model_finetune_fn(
+    model_name_or_path: str,
+    output_root: str | Path,
+    *,
+    max_steps: int = 60,
+    eval_every: int = 15,
+    learning_rate: float = 5e-4,
+    batch_size: int = 16,
+    device: str | None = None,
+) -> FinetuneFn:
+    """A ``finetune_fn`` that fine-tunes a PanFoMa checkpoint as a cell classifier on the training cells.
+
+    Each call builds ``PanFoMaForCellClassification`` from the checkpoint, trains it with ``transformers.Trainer``
+    and the PanFoMa data collator (``mlm=False``) for ``max_steps`` optimiser steps on ``train_adata`` (raw
+    counts), evaluates validation macro-F1 every ``eval_every`` steps (``panfoma.training.finetune``'s
+    metrics) and keeps the best checkpoint (model selection on validation only). The returned ``predict_fn``
+    labels new cells with that model. Outputs go to ``output_root/seed<seed>-<n>`` (checkpoints are removed).
+
+    Example:
+        >>> hook = model_finetune_fn("runs/eval-model/model", "runs/ft", max_steps=40)  # doctest: +SKIP
+        >>> evaluate_annotation(adata, embed_fn, finetune_fn=hook)  # doctest: +SKIP
+    """
+    if not isinstance(max_steps, int) or max_steps < 1 or not isinstance(eval_every, int) or eval_every < 1:
+        raise ValueError(f"max_steps and eval_every must be positive integers, got {max_steps!r}, {eval_every!r}.")
+    calls = {"n": 0}
+
+    def finetune_fn(train_adata, val_adata, label_key: str, seed: int) -> PredictFn:
+        import shutil
+
+        import datasets
+        import torch
+        from transformers import Trainer, TrainingArguments
+
+        from panfoma import PanFoMaForCellClassification
+        from panfoma.tokenization import PanFoMaDataCollator, PanFoMaGeneProcessor
+
+        from .embed import resolve_device
+        from .finetune import compute_classification_metrics
+
+        names = sorted(set(usable_labels(train_adata.obs[label_key], label_key)))
+        label2id = {name: i for i, name in enumerate(names)}
+        processor = PanFoMaGeneProcessor.from_pretrained(model_name_or_path)
+        model = PanFoMaForCellClassification.from_pretrained(
+            model_name_or_path, id2label=dict(enumerate(names)), label2id=label2id)
+        processor.check_model_config(model.config)
+
+        def to_dataset(adata, with_labels: bool):
+            rows = _cells_as_rows(adata, processor)
+            if with_labels:
+                # Validation types unseen in training cannot be predicted: -100 leaves them out of the loss.
+                rows["label"] = [label2id.get(str(v), -100) for v in adata.obs[label_key].astype(str)]
+            else:
+                rows["label"] = [-100] * adata.n_obs
+            return datasets.Dataset.from_dict(rows)
+
+        train_ds, val_ds = to_dataset(train_adata, True), to_dataset(val_adata, True)
+        collator = PanFoMaDataCollator(processor, mlm=False, seed=seed, label_column="label", return_raw_values=False)
+        calls["n"] += 1
+        out = Path(output_root) / f"seed{seed}-{calls['n']}"
+        use_cpu = resolve_device(device).type == "cpu"
+        args = TrainingArguments(
+            output_dir=str(out), max_steps=max_steps, learning_rate=learning_rate, warmup_steps=0.1,
+            per_device_train_batch_size=batch_size, per_device_eval_batch_size=2 * batch_size,
+            eval_strategy="steps", eval_steps=eval_every, save_strategy="steps", save_steps=eval_every,
+            save_total_limit=1, load_best_model_at_end=True, metric_for_best_model="macro_f1",
+            greater_is_better=True, remove_unused_columns=False, logging_steps=eval_every, seed=seed,
+            report_to="none", disable_tqdm=True, save_only_model=True, use_cpu=use_cpu,
+            dataloader_pin_memory=torch.cuda.is_available(),
+        )
+        trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds, data_collator=collator,
+                          compute_metrics=compute_classification_metrics)
+        trainer.train()
+        best = trainer.state.best_metric
+        logger.info("fine-tuned seed %d: best validation macro-F1 %s (checkpoint %s)", seed, best,
+                    trainer.state.best_model_checkpoint)
+        shutil.rmtree(out, ignore_errors=True)  # the checkpoints are large; the model stays in memory
+        label_names = np.asarray(names, dtype=object)
+
+        trainer.compute_metrics = None  # test cells carry no labels here: nothing to score inside the hook
+
+        def predict(adata) -> np.ndarray:
+            logits = trainer.predict(to_dataset(adata, False)).predictions
+            logits = logits[0] if isinstance(logits, tuple) else logits
+            return label_names[np.asarray(logits).argmax(axis=-1)].astype(str)
+
+        return predict
+
+    finetune_fn.__name__ = f"panfoma_finetune:{model_name_or_path}:{max_steps}steps"
+    return finetune_fn
 
 
 def run_evaluate(args) -> dict:
