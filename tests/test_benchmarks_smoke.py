@@ -121,11 +121,17 @@ def test_flop_count_matches_torch_flop_counter():
         model(**inputs)
     counted = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
     expected = bench_floor.panfoma_flops(model.config, genes)
-    linear = counted.get("aten.mm", 0) + counted.get("aten.addmm", 0)
-    assert linear == expected["encoder_linear"] + expected["decoder_linear"]
-    # Batched matmuls: QK^T and AV in every chunk (the attention term), plus the GDS score einsum (2 n d).
-    batched = counted.get("aten.bmm", 0)
-    assert batched == expected["encoder_attention"] + 2 * genes * model.config.hidden_size
+    # Which GEMM op runs a projection is an implementation detail (the Mamba mixer uses batched GEMMs with the weight),
+    # so compare the total of all matmul ops with the analytic total: projections, attention (QK^T and AV in every
+    # chunk) and the GDS score einsum (2 n d).
+    total = sum(counted.get(op, 0) for op in ("aten.mm", "aten.addmm", "aten.bmm", "aten.baddbmm"))
+    analytic = (
+        expected["encoder_linear"]
+        + expected["decoder_linear"]
+        + expected["encoder_attention"]
+        + 2 * genes * model.config.hidden_size
+    )
+    assert total == analytic
 
 
 def test_peers_ignore_padding_and_keep_shapes():
