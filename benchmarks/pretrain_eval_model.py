@@ -2,7 +2,7 @@
 
 Usage (from the repository root; ~15 minutes on 2 CPU cores):
 
-    OMP_NUM_THREADS=2 HF_HUB_OFFLINE=1 python benchmarks/pretrain_eval_model.py \
+    OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 python benchmarks/pretrain_eval_model.py \
         [--data-dir ../shared/data] [--output-dir runs/eval-model] [--steps 200]
 
 Steps:
@@ -15,8 +15,10 @@ Steps:
 2. A small PanFoMa (hidden 64, 2 shared encoder blocks, 2 bidirectional Mamba layers, max_genes 512,
    gene chunks of 256; ~2.9M parameters, most of them the gene-embedding table) is pretrained from random
    initialisation with `panfoma.training.pretrain.pretrain` (masked value modelling) on the bench's train split
-   (90% of patients; the other 10% give the validation loss), for `--steps` optimiser steps of 16 cells: sized to
-   fit ~15 minutes on 2 shared CPU cores (a hidden-128 / 1,024-gene model measured 30x slower per step there). Output: `<output-dir>/model` (model + processor +
+   (90% of patients; the other 10% give the validation loss), for `--steps` optimiser steps of 16 cells (~2.7
+   epochs), sized to stay well inside ~15 minutes on 2 CPU cores shared with other jobs. One thread: with two
+   threads, a second 2-thread job on the same 2 cores slowed the steps 10-50x (oversubscription), and a
+   hidden-128 / 1,024-gene model measured ~30x slower per step than this one. Output: `<output-dir>/model` (model + processor +
    card) and `metrics.jsonl` (the loss curve), plus `<output-dir>/pretrain_summary.json`.
 
 This is a pipeline demonstration: a from-scratch model trained for minutes on ~3k cells. It cannot stand for
@@ -46,8 +48,8 @@ MODEL_OVERRIDES = dict(hidden_size=64, num_attention_heads=4, intermediate_size=
                        num_encoder_layers=2, num_mamba_layers=2, gene_chunk_size=256, hidden_dropout_prob=0.1)
 MAX_GENES = 512
 BATCH_SIZE = 16
-LEARNING_RATE = 5e-4
-DEFAULT_STEPS = 200
+LEARNING_RATE = 1e-3
+DEFAULT_STEPS = 500
 SEED = 0
 
 
@@ -173,7 +175,7 @@ def main(argv=None) -> int:
     cfg = load_pretraining_config(
         None, dataset=str(bench), output_dir=str(model_dir), preset="panfoma-small", model_overrides=MODEL_OVERRIDES,
         max_genes=MAX_GENES, per_device_batch_size=BATCH_SIZE, learning_rate=LEARNING_RATE, warmup_steps=20,
-        max_steps=args.steps, logging_steps=10, eval_steps=50, max_eval_batches=8, save_steps=0, seed=SEED,
+        max_steps=args.steps, logging_steps=10, eval_steps=100, max_eval_batches=8, save_steps=0, seed=SEED,
         cpu=True, resume="never", progress=True,
     )
     t1 = time.perf_counter()
@@ -181,11 +183,12 @@ def main(argv=None) -> int:
     train_s = time.perf_counter() - t1
     records = read_metrics(model_dir)
     losses = [(r["step"], r["loss"]) for r in records if "loss" in r]
-    evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+    # The last step is evaluated twice (periodic + final, same fixed masks): keep one record per step.
+    evals = sorted({r["step"]: r["eval_loss"] for r in records if "eval_loss" in r}.items())
     if len(losses) < 2:
         raise RuntimeError(f"pretraining logged {len(losses)} loss values; expected a curve.")
     summary = {
-        "command": "OMP_NUM_THREADS=2 python benchmarks/pretrain_eval_model.py " + " ".join(
+        "command": f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '')} python benchmarks/pretrain_eval_model.py " + " ".join(
             argv if argv is not None else sys.argv[1:]),
         "date": time.strftime("%Y-%m-%d %H:%M %Z"),
         "threads": torch.get_num_threads(),

@@ -94,6 +94,61 @@ def load_cite(data_dir: Path):
     return cite, proteins
 
 
+# (results folder, headline metric, tracks to show in the summary: label -> track name pattern)
+SUMMARY_ROWS = (
+    ("eval_pancancer", "pan-cancer (patient-grouped CV)", ("patient_macro_f1", "cell_macro_f1")),
+    ("eval_annotation_pbmc68k", "annotation PBMC68k (stratified)", ("macro_f1", "accuracy")),
+    ("eval_annotation_cellbench_transfer", "annotation CEL-seq2 -> Drop-seq", ("macro_f1", "accuracy")),
+    ("eval_integration", "batch integration (CellBench)", ("Avg_bio", "Avg_batch")),
+    ("eval_gene_programs", "gene programs (PBMC CITE-seq RNA)", ("mean_similarity_auroc",)),
+    ("eval_multiomic", "multi-omic RNA+protein (CITE-seq)", ("Avg_bio",)),
+)
+
+
+def _track_kind(task: str, name: str) -> str | None:
+    """Which summary column a track belongs to (None: not shown)."""
+    if name.endswith("_finetuned"):
+        return "fine-tuned"
+    if task == "eval_multiomic":
+        return {"baseline_pca_rna+protein": "baseline"}.get(name, "zero-shot" if name.endswith("_rna+protein") else None)
+    if task == "eval_gene_programs":
+        if name == "baseline_coexpression":
+            return "baseline"
+        return None if name.startswith("baseline") else "zero-shot"
+    if name == "baseline_pca_hvg":
+        return "baseline"
+    return "zero-shot" if name.endswith(("_linear_probe", "_zero_shot")) else None
+
+
+def write_summary(out: Path) -> Path:
+    """`eval_summary.md`: one row per task and headline metric, model tracks beside the baseline (mean ± sd)."""
+    lines = ["| task | metric | model zero-shot | model fine-tuned | baseline | model track / baseline track |",
+             "|---|---|---|---|---|---|"]
+    for subdir, title, metrics in SUMMARY_ROWS:
+        files = sorted((out / subdir).glob("eval_*.json"))
+        if not files:
+            continue
+        report = json.loads(files[0].read_text())
+        columns: dict[str, tuple[str, dict]] = {}
+        for name, track in report["tracks"].items():
+            kind = _track_kind(subdir, name)
+            if kind is not None and kind not in columns:
+                columns[kind] = (name, track["summary"])
+        for metric in metrics:
+            def cell(kind: str) -> str:
+                if kind not in columns or metric not in columns[kind][1]:
+                    return "not run"
+                stat = columns[kind][1][metric]
+                return f"{stat['mean']:.3f} ± {stat['sd']:.3f}"
+
+            names = " / ".join(columns[k][0] for k in ("zero-shot", "fine-tuned", "baseline") if k in columns)
+            lines.append(f"| {title} | {metric} | {cell('zero-shot')} | {cell('fine-tuned')} | {cell('baseline')} "
+                         f"| {names} |")
+    path = out / "eval_summary.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
 def _model_note(model: str) -> str:
     """What the checkpoint is, read from the pretraining summary next to it when there is one."""
     summary_path = Path(model).resolve().parent / "pretrain_summary.json"
@@ -119,6 +174,7 @@ def main(argv=None) -> int:
                         help="kept for older command lines: 'model' needs --model; default: model iff --model")
     parser.add_argument("--finetune-steps", type=int, default=60,
                         help="fine-tuned track of the PBMC annotation (optimiser steps; 0 skips it; needs --model)")
+    parser.add_argument("--finetune-learning-rate", type=float, default=5e-4, help="fine-tuned track: AdamW peak lr")
     parser.add_argument("--batch-size", type=int, default=64, help="embedding batch size (--model)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--tasks", nargs="+", default=["pancancer", "annotation", "integration", "gene_programs", "multiomic"])
@@ -146,7 +202,8 @@ def main(argv=None) -> int:
         model_note = _model_note(args.model)
         if args.finetune_steps:
             finetune_fn = ev.model_finetune_fn(args.model, REPO / "runs" / "eval-finetune",
-                                               max_steps=args.finetune_steps, eval_every=max(1, args.finetune_steps // 4))
+                                               max_steps=args.finetune_steps, eval_every=max(1, args.finetune_steps // 4),
+                                               learning_rate=args.finetune_learning_rate)
     else:
         embed_fn, gene_fn = ev.random_projection_embedder(n_components=64, seed=0), None
         model_name = "control_random_projection"
@@ -199,7 +256,8 @@ def main(argv=None) -> int:
         notes = []
         if finetune_fn is not None:
             notes.append(f"Fine-tuned track: PanFoMaForCellClassification from the checkpoint, {args.finetune_steps} "
-                         "optimiser steps of 16 cells on the training cells (AdamW, lr 5e-4, 10% warmup), validation "
+                         "optimiser steps of 16 cells on the training cells (AdamW, peak lr "
+                         f"{args.finetune_learning_rate:g}, 10% warmup, linear decay), validation "
                          f"macro-F1 checked every {max(1, args.finetune_steps // 4)} steps, best kept "
                          "(transformers.Trainer, panfoma.training.evaluation.model_finetune_fn).")
         finish(ev.evaluate_annotation(pbmc, embed_fn, finetune_fn=finetune_fn, model_name=model_name, n_top_genes=500,
@@ -263,8 +321,13 @@ def main(argv=None) -> int:
                "embeddings that contain protein are favoured by construction; compare RNA+protein tracks with each other.")
         timings["multiomic"] = time.perf_counter() - t0
 
-    (args.out / "eval_timings.json").write_text(json.dumps(
-        {"command": command, "date": date, "seconds": {k: round(v, 1) for k, v in timings.items()}}, indent=2))
+    write_summary(args.out)
+    # Merged with earlier runs (e.g. one task re-run with other settings): each entry names its own command.
+    timing_path = args.out / "eval_timings.json"
+    previous = json.loads(timing_path.read_text()) if timing_path.is_file() else {}
+    previous = {k: v for k, v in previous.items() if isinstance(v, dict) and "seconds" in v}
+    previous.update({k: {"seconds": round(v, 1), "command": command, "date": date} for k, v in timings.items()})
+    timing_path.write_text(json.dumps(previous, indent=2))
     logger.info("timings (s): %s", timings)
     return 0
 
