@@ -159,3 +159,22 @@ def test_extrapolation_follows_the_measured_power_law():
     assert bench_peers.extrapolate([(1000, 2.0), (2000, 2.0)], 4000) == pytest.approx(4.0)
     assert bench_peers.extrapolate([(1000, 2.0)], 4000) is None
     assert math.isfinite(bench_peers.extrapolate([(10, 1.0), (20, 3.0)], 40))
+
+
+@pytest.mark.parametrize("length", [1, 3, 4, 37])
+def test_fast_causal_conv_equals_conv1d_in_values_and_gradients(length):
+    """The speed-motivated causal conv of the Mamba mixer equals nn.Conv1d's causal output (values and gradients),
+    also on a strided channel slice as the mixer passes it."""
+    from torch.autograd import gradcheck
+
+    from panfoma.modeling_panfoma import causal_depthwise_conv
+
+    generator = torch.Generator().manual_seed(length)
+    xz = torch.randn(2, 10, length, dtype=torch.float64, generator=generator, requires_grad=True)
+    x = xz.chunk(2, dim=1)[0]  # (b, e, l) slice of (b, 2e, l), like the mixer's
+    weight = torch.randn(5, 1, 4, dtype=torch.float64, generator=generator, requires_grad=True)
+    bias = torch.randn(5, dtype=torch.float64, generator=generator, requires_grad=True)
+    expected = torch.nn.functional.conv1d(x, weight, bias, groups=5, padding=3)[..., :length]
+    torch.testing.assert_close(causal_depthwise_conv(x, weight, bias), expected)
+    assert gradcheck(causal_depthwise_conv, (x, weight, bias))
+    assert gradcheck(lambda x, w: causal_depthwise_conv(x, w, None), (x, weight))
