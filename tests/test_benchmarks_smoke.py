@@ -89,6 +89,8 @@ def test_bench_precision_json(results):
     assert agreement["cells"] > 0
     assert -1.0 <= agreement["cosine_min"] <= agreement["cosine_median"] <= 1.0 + 1e-6
     assert 0.0 <= agreement["knn_overlap"] <= 1.0
+    assert -1.0 <= agreement["centred_cosine_min"] <= agreement["centred_cosine_median"] <= 1.0 + 1e-6
+    assert agreement["relative_error_median"] >= 0.0
     assert 0.0 <= agreement["gene_order_position_agreement"] <= 1.0
     assert isinstance(payload["recommend_bf16_default"], bool)
 
