@@ -456,28 +456,11 @@ def test_bad_study_columns_and_layers_are_reported(tmp_path, vocab):
 
 
 # ------------------------------------------------------------------------------------------ slow tier
-_RSS_SCRIPT = """
-import os, threading, time
-def _rss_mib():
-    with open("/proc/self/statm") as handle:
-        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-class _PeakRSS(threading.Thread):
-    # Samples the current RSS every 10 ms (ru_maxrss would include transient peaks of the imports).
-    def __init__(self):
-        super().__init__(daemon=True)
-        self.base = _rss_mib()
-        self.peak = self.base
-        self.running = True
-    def run(self):
-        while self.running:
-            self.peak = max(self.peak, _rss_mib())
-            time.sleep(0.01)
-    def stop(self):
-        self.running = False
-        self.join()
-        self.peak = max(self.peak, _rss_mib())
-        return self.peak
+# The RSS sampler is the benchmark's (benchmarks/bench_dataset.py), so the test and the benchmark measure alike.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from bench_dataset import _SAMPLER  # noqa: E402
 
+_RSS_SCRIPT = _SAMPLER + """
 import json, sys
 from panfoma.training.bench import build_bench, PanFoMaBenchStudy, PanFoMaBenchQCConfig
 from panfoma.tokenization.vocabulary import PanFoMaGeneVocab
