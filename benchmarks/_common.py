@@ -149,19 +149,25 @@ def make_inputs(vocab_size: int, n_bins: int, batch: int, genes: int, seed: int 
 MODEL_KINDS = ("panfoma", "attention", "bimamba")
 
 
-def build_model(kind: str, preset: str, quick: bool = False, seed: int = 0) -> torch.nn.Module:
-    """A benchmark model wrapped to return per-gene states: PanFoMa or a peer at the preset's width.
+def bench_config(preset: str, quick: bool = False):
+    """The `PanFoMaConfig` every benchmark model of `preset` is built from (no dropout).
 
-    `quick` shrinks the vocabulary and the chunk size so that tiny smoke runs stay tiny.
+    `quick` shrinks the vocabulary and the chunk size so that tiny smoke runs stay tiny (the chunk size changes
+    PanFoMa's FLOPs, so FLOP counts must come from this config too).
     """
     from panfoma import PanFoMaConfig
-
-    from peers import build_peer
 
     overrides = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     if quick:
         overrides.update(vocab_size=512, gene_chunk_size=32)
-    config = PanFoMaConfig.from_preset(preset, **overrides)
+    return PanFoMaConfig.from_preset(preset, **overrides)
+
+
+def build_model(kind: str, preset: str, quick: bool = False, seed: int = 0) -> torch.nn.Module:
+    """A benchmark model wrapped to return per-gene states: PanFoMa or a peer at the preset's width."""
+    from peers import build_peer
+
+    config = bench_config(preset, quick)
     torch.manual_seed(seed)
     if kind == "panfoma":
         from panfoma import PanFoMaModel
@@ -196,6 +202,75 @@ def count_parameters(model: torch.nn.Module, exclude_embeddings: bool = False) -
     if exclude_embeddings:
         total -= sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Embedding))
     return total
+
+
+# --------------------------------------------------------------------------------------------------
+# Hardware rates and the selective scan's floors (shared by bench_floor.py and bench_scan.py)
+# --------------------------------------------------------------------------------------------------
+
+
+def matmul_gflops(n: int, dtype: torch.dtype, repeats: int) -> float:
+    """Median GFLOP/s of an n x n x n matmul in `dtype` (2 FLOPs per multiply-add)."""
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    timing = time_call(lambda: a @ b, repeats=repeats, warmup=2)
+    return 2 * n**3 / timing["median_s"] / 1e9
+
+
+def copy_bandwidth_gbs(elements: int, repeats: int) -> float:
+    """Median GB/s (read + write) of copying a float32 tensor into a preallocated one."""
+    src, dst = torch.randn(elements), torch.empty(elements)
+    timing = time_call(lambda: dst.copy_(src), repeats=repeats, warmup=2)
+    return 2 * 4 * elements / timing["median_s"] / 1e9
+
+
+def exp_throughput_per_s(repeats: int, elements: int = 1 << 20, calls: int = 16) -> float:
+    """Median float32 exp evaluations per second of `torch.exp(x, out=y)` at the current thread count.
+
+    Why this size: 1M elements (4 MiB in + 4 MiB out) stay in the last-level cache, so the figure is the
+    vectorised exp's compute rate (torch's SIMD expf, 1 ulp), not DRAM bandwidth, and one call (~0.5 ms) is long
+    next to torch's per-call overhead. The arguments lie in the scan's range (dt * A <= 0). Several calls per
+    timed repeat so that the timer's resolution does not matter.
+    """
+    x = -10.0 * torch.rand(elements)  # like dt * A: negative, a few units at most
+    y = torch.empty(elements)
+
+    def run():
+        for _ in range(calls):
+            torch.exp(x, out=y)
+
+    timing = time_call(run, repeats=repeats, warmup=1)
+    return calls * elements / timing["median_s"]
+
+
+# Per (cell, channel, step, state) element of the scan. Forward: exp(dt * A) once, and the multiply-adds
+# dt * A, decay * h (+) drive * B, (+) h * C. Backward of a backward that RECOMPUTES the states instead of storing
+# the (b, e, l, s) decays (storing them would move 4 * b * e * l * s bytes twice, more than the exp saves): the
+# recompute repeats exp and the 3 forward multiply-adds of h (dt * A, decay * h, drive * B), then per element
+# 9 more: g = dh + dy * C, dC += dy * h, dB += g * drive, g * h_prev * decay (2), dA += . * dt, ddt += . * A,
+# du += g * B, dh = g * decay. The per-(b, e, l) scalars (drive = dt * u, ...) are O(1/s) of this and left out.
+SCAN_WORK_PER_ELEMENT = {
+    "forward": {"exp": 1, "multiply_adds": 4},
+    "forward_backward": {"exp": 2, "multiply_adds": 4 + 3 + 9},
+}
+
+
+def scan_work(batch: int, channels: int, length: int, state: int) -> dict[str, dict[str, int]]:
+    """Exp evaluations and multiply-adds a selective scan of (b, e, l, s) must do: forward and forward+backward
+    (with a recompute-based backward; see `SCAN_WORK_PER_ELEMENT`)."""
+    elements = batch * channels * length * state
+    return {mode: {k: v * elements for k, v in work.items()} for mode, work in SCAN_WORK_PER_ELEMENT.items()}
+
+
+def scan_compute_floor_s(work: dict[str, int], exp_per_s: float, matmul_gflops_fp32: float) -> float:
+    """Seconds the scan's arithmetic takes at this machine's measured rates: exps at the `torch.exp` rate plus
+    multiply-adds at the fp32 matmul peak (= the most multiply-adds per second this machine showed).
+
+    Why the matmul peak and not an elementwise kernel (e.g. `addcmul_`) for the multiply-adds: a large
+    elementwise kernel measures memory bandwidth, which the memory floor already covers; the peak is the
+    rate of the FMA units themselves. The two times add because a vectorised exp is itself a polynomial evaluated
+    on the same FMA units.
+    """
+    return work["exp"] / exp_per_s + work["multiply_adds"] / (matmul_gflops_fp32 * 1e9 / 2)
 
 
 # --------------------------------------------------------------------------------------------------

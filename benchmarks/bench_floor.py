@@ -3,11 +3,14 @@
 Measures, in one process:
 - matmul throughput: fp32 and bf16 at 2048^3 (median of 5 after warm-up), the "peak";
 - memory bandwidth: a large tensor copy (median of 5), GB/s counting bytes read + written;
-- the model's FLOPs per cell, counted from the config (matmuls of the encoder, attention, Mamba projections;
-  the scan's multiply-adds counted apart);
+- the float32 exp throughput (`torch.exp`, cache-resident, median of 5): the scan's compute floor needs it;
+- the model's FLOPs per cell, counted from the config (`peers.panfoma_flops`: matmuls of the encoder, attention,
+  Mamba projections; the scan's multiply-adds counted apart);
 - the encoder's achieved fraction of the matmul peak (the shared block applied 6 times to one cell's chunks),
   in fp32 and under bf16 autocast;
-- the selective scan's forward time against its memory-traffic floor (bytes it must read and write / bandwidth);
+- the selective scan's forward time against its memory-traffic floor (bytes it must read and write / bandwidth)
+  and its compute floor (`_common.scan_compute_floor_s`: exps at the measured exp rate + multiply-adds at the
+  fp32 matmul peak);
 - the whole model's achieved FLOP/s (forward) as a fraction of the fp32 peak.
 
 Usage (from the repository root):
@@ -29,58 +32,22 @@ import torch  # noqa: E402
 from _common import (  # noqa: E402
     build_model,
     common_argparser,
+    copy_bandwidth_gbs,
+    exp_throughput_per_s,
     make_inputs,
+    matmul_gflops,
     print_table,
+    scan_compute_floor_s,
+    scan_work,
     setup_threads,
     time_call,
     tune_glibc_malloc,
     write_json,
 )
+from peers import panfoma_flops  # noqa: E402,F401  (re-exported: the analytic count lives in peers.py)
 
 FULL = dict(matmul=2048, copy_elements=1 << 26, genes=3072, repeats=5)
 QUICK = dict(matmul=256, copy_elements=1 << 20, genes=96, repeats=2)
-
-
-def matmul_gflops(n: int, dtype: torch.dtype, repeats: int) -> float:
-    """Median GFLOP/s of an n x n x n matmul in `dtype`."""
-    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-    timing = time_call(lambda: a @ b, repeats=repeats, warmup=2)
-    return 2 * n**3 / timing["median_s"] / 1e9
-
-
-def copy_bandwidth_gbs(elements: int, repeats: int) -> float:
-    """Median GB/s (read + write) of copying a float32 tensor into a preallocated one."""
-    src, dst = torch.randn(elements), torch.empty(elements)
-    timing = time_call(lambda: dst.copy_(src), repeats=repeats, warmup=2)
-    return 2 * 4 * elements / timing["median_s"] / 1e9
-
-
-def panfoma_flops(config, genes: int) -> dict[str, float]:
-    """Forward FLOPs of one cell with `genes` genes (2 per multiply-add), by component.
-
-    Encoder: per application, the chunk tokens (c chunks of m genes + 1 CLS) through QKV/out projections and the
-    FFN, plus QK^T and AV inside each chunk. Decoder: per layer two mixers (in_proj, x_proj, dt_proj, out_proj) and
-    the gate. Scan: per mixer and step, e * s state updates (~3 multiply-adds with C and the drive, 1 exp).
-    Embedding lookups, norms and elementwise ops are left out (no matmul work).
-    """
-    d, f, h = config.hidden_size, config.intermediate_size, config.num_attention_heads
-    e, s, r = config.intermediate_mamba_size, config.state_size, config.time_step_rank
-    c = max(1, math.ceil(genes / config.gene_chunk_size))
-    m = math.ceil(genes / c)
-    tokens = c * (m + 1)
-    encoder_linear = config.num_encoder_layers * 2 * tokens * (4 * d * d + 2 * d * f)
-    encoder_attention = config.num_encoder_layers * 4 * c * (m + 1) ** 2 * d
-    mixer = 2 * genes * (d * 2 * e + e * (r + 2 * s) + r * e + e * d)
-    decoder_linear = config.num_mamba_layers * (2 * mixer + 2 * genes * d * d)
-    scan = config.num_mamba_layers * 2 * genes * e * s * 6
-    return {
-        "encoder_linear": encoder_linear,
-        "encoder_attention": encoder_attention,
-        "decoder_linear": decoder_linear,
-        "scan": scan,
-        "matmul_total": encoder_linear + encoder_attention + decoder_linear,
-        "total": encoder_linear + encoder_attention + decoder_linear + scan,
-    }
 
 
 def encoder_time(model, genes: int, precision: str, repeats: int) -> float:
@@ -104,7 +71,7 @@ def encoder_time(model, genes: int, precision: str, repeats: int) -> float:
 
 def scan_time(config, genes: int, repeats: int) -> tuple[float, int, str]:
     """Median seconds of one mixer's selective scan (forward) for one cell, the bytes it must move, the backend."""
-    from panfoma.selective_scan import _resolve_backend, selective_scan
+    from panfoma.selective_scan import selective_scan
 
     e, s = config.intermediate_mamba_size, config.state_size
     generator = torch.Generator().manual_seed(0)
@@ -119,7 +86,13 @@ def scan_time(config, genes: int, repeats: int) -> tuple[float, int, str]:
 
     seconds = time_call(run, repeats=repeats, warmup=1)["median_s"]
     bytes_moved = 4 * (4 * e * genes + 2 * s * genes + e * s + 2 * e)  # read u, delta, z, B, C, A, D, bias; write y
-    return seconds, bytes_moved, _resolve_backend("auto", u)
+    try:  # private helper of the scan module: only names the backend "auto" picked; absent -> say "auto"
+        from panfoma.selective_scan import _resolve_backend
+
+        backend = _resolve_backend("auto", u)
+    except (ImportError, TypeError, ValueError):
+        backend = "auto"
+    return seconds, bytes_moved, backend
 
 
 def main(argv=None) -> dict:
@@ -142,8 +115,9 @@ def main(argv=None) -> dict:
     except RuntimeError:
         bf16_supported, peak["bf16"] = False, None
     bandwidth = copy_bandwidth_gbs(sizes["copy_elements"], repeats)
+    exp_rate = exp_throughput_per_s(repeats)
     print(f"matmul {sizes['matmul']}^3: fp32 {peak['fp32']:.1f} GFLOP/s, bf16 {peak['bf16'] or 0:.1f} GFLOP/s; "
-          f"copy bandwidth {bandwidth:.1f} GB/s", flush=True)
+          f"copy bandwidth {bandwidth:.1f} GB/s; exp {exp_rate / 1e9:.2f} G/s", flush=True)
 
     model = build_model("panfoma", preset, quick=args.quick).eval()
     config = model.config
@@ -153,6 +127,8 @@ def main(argv=None) -> dict:
     enc_bf16 = encoder_time(model, genes, "bf16", repeats) if bf16_supported else None
     scan_s, scan_bytes, scan_backend = scan_time(config, genes, repeats)
     scan_floor_s = scan_bytes / (bandwidth * 1e9)
+    scan_compute_s = scan_compute_floor_s(
+        scan_work(1, config.intermediate_mamba_size, genes, config.state_size)["forward"], exp_rate, peak["fp32"])
 
     if args.model_forward_cells_per_s:
         model_s = 1.0 / args.model_forward_cells_per_s
@@ -170,6 +146,7 @@ def main(argv=None) -> dict:
         "peak_gflops": peak,
         "bf16_over_fp32_peak": peak["bf16"] / peak["fp32"] if peak["bf16"] else None,
         "copy_bandwidth_gbs": bandwidth,
+        "exp_per_s": exp_rate,
         "flops_per_cell": flops,
         "genes": genes,
         "encoder": {
@@ -181,7 +158,9 @@ def main(argv=None) -> dict:
             "bf16_fraction_of_bf16_peak": (encoder_flops / enc_bf16 / 1e9 / peak["bf16"]) if enc_bf16 else None,
         },
         "scan": {"backend": scan_backend, "forward_s": scan_s, "bytes": scan_bytes, "memory_floor_s": scan_floor_s,
-                 "time_over_floor": scan_s / scan_floor_s},
+                 "time_over_floor": scan_s / scan_floor_s, "compute_floor_s": scan_compute_s,
+                 "time_over_compute_floor": scan_s / scan_compute_s,
+                 "time_over_max_floor": scan_s / max(scan_floor_s, scan_compute_s)},
         "model": {"forward_s_per_cell": model_s, "gflops": flops["total"] / model_s / 1e9,
                   "fraction_of_fp32_peak": flops["total"] / model_s / 1e9 / peak["fp32"]},
     }
@@ -190,6 +169,7 @@ def main(argv=None) -> dict:
         ["matmul peak bf16", f"{peak['bf16']:.1f} GFLOP/s" if peak["bf16"] else "unsupported",
          f"{result['bf16_over_fp32_peak']:.2f}x fp32" if peak["bf16"] else "-"],
         ["copy bandwidth", f"{bandwidth:.1f} GB/s", "-"],
+        ["exp throughput (torch.exp, fp32)", f"{exp_rate / 1e9:.2f} G/s", "-"],
         [f"{preset} FLOPs/cell @{genes}", f"{flops['total'] / 1e9:.1f} GFLOP",
          f"encoder {encoder_flops / 1e9:.1f}, decoder {flops['decoder_linear'] / 1e9:.1f}, scan {flops['scan'] / 1e9:.1f}"],
         ["encoder fp32", f"{result['encoder']['fp32_gflops']:.1f} GFLOP/s",
@@ -197,7 +177,8 @@ def main(argv=None) -> dict:
         ["encoder bf16 autocast", f"{result['encoder']['bf16_gflops'] or 0:.1f} GFLOP/s",
          f"{100 * (result['encoder']['bf16_fraction_of_bf16_peak'] or 0):.0f}% of bf16 peak"],
         [f"scan fwd ({scan_backend}, 1 mixer, 1 cell)", f"{scan_s * 1e3:.1f} ms",
-         f"{result['scan']['time_over_floor']:.1f}x its memory floor ({scan_floor_s * 1e3:.2f} ms)"],
+         f"{result['scan']['time_over_floor']:.1f}x memory floor ({scan_floor_s * 1e3:.2f} ms), "
+         f"{result['scan']['time_over_compute_floor']:.1f}x compute floor ({scan_compute_s * 1e3:.2f} ms)"],
         ["whole model fwd fp32", f"{result['model']['gflops']:.1f} GFLOP/s",
          f"{100 * result['model']['fraction_of_fp32_peak']:.0f}% of fp32 peak"],
     ]

@@ -8,6 +8,12 @@ fixed-order bidirectional Mamba stack (12 layers, PanFoMa's own Mamba mixer), bo
    whose extrapolated activation memory exceeds the budget (default min(16 GB, 80% of available memory)) or whose
    extrapolated time exceeds `--max-seconds` is reported as skipped with the estimate, not run.
 
+3. FLOPs: every run reports its analytic GFLOP per cell (`peers.model_flops`; training = 3x forward, since the
+   backward of a matmul is two matmuls of the same size) and the GFLOP/s it achieved. "FLOP-bound ceiling" of a
+   row = that model's FLOPs / PanFoMa's FLOPs at the same genes: the speed-up PanFoMa would have over it if both
+   ran at the same FLOP/s. "fraction of ceiling" = measured PanFoMa speed-up / ceiling (1.0: PanFoMa converts its
+   FLOP advantage into time as well as the peer does; < 1: PanFoMa runs at a lower FLOP/s than the peer).
+
 Every configuration runs in a fresh subprocess (clean peak RSS). Usage (from the repository root):
 
     python benchmarks/bench_peers.py [--quick] [--threads N] [--preset panfoma-base] [--out results/peers.json]
@@ -23,18 +29,36 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (  # noqa: E402
     available_memory_gb,
+    bench_config,
     common_argparser,
     print_table,
     run_probe,
     setup_threads,
     write_json,
 )
+from peers import model_flops  # noqa: E402
 
 KINDS = ("panfoma", "attention", "bimamba")
 LABELS = {"panfoma": "PanFoMa", "attention": "full attention (scGPT/Geneformer-shaped)",
           "bimamba": "fixed-order BiMamba (GeneMamba-shaped)"}
 FULL = dict(genes=3072, scaling=[768, 3072, 12288, 24576], batch=1, repeats=3)
 QUICK = dict(genes=96, scaling=[48, 96, 192], batch=2, repeats=2)
+TRAIN_FLOPS_PER_FORWARD = 3  # forward + backward of a matmul = 1 + 2 matmuls of the same size
+
+
+def add_flops(result: dict, config, batch: int) -> dict:
+    """Add `gflop_per_cell` (analytic, forward or training) and, for a run that finished, `achieved_gflops`."""
+    forward = model_flops(result["kind"], config, result["genes"])["total"]
+    per_cell = forward * (TRAIN_FLOPS_PER_FORWARD if result.get("mode") == "train" else 1)
+    result["gflop_per_cell"] = per_cell / 1e9
+    if result.get("status") == "ok":
+        result["achieved_gflops"] = per_cell * batch / result["median_s"] / 1e9
+    return result
+
+
+def ratio(numerator, denominator):
+    """numerator / denominator, None when either is missing."""
+    return numerator / denominator if numerator is not None and denominator else None
 
 
 def extrapolate(points: list[tuple[int, float]], target: int) -> float | None:
@@ -57,6 +81,7 @@ def main(argv=None) -> dict:
     threads = setup_threads(args.threads)
     sizes = QUICK if args.quick else FULL
     preset = "panfoma-tiny" if args.quick else args.preset
+    config = bench_config(preset, args.quick)
     budget_mb = 1024 * min(args.memory_budget_gb, 0.8 * available_memory_gb())
     base = dict(preset=preset, batch=sizes["batch"], threads=threads, quick=args.quick,
                 tuned_malloc=args.tuned_malloc)
@@ -66,7 +91,7 @@ def main(argv=None) -> dict:
     for kind in KINDS:
         for mode in ("forward", "train"):
             spec = dict(base, kind=kind, genes=sizes["genes"], mode=mode, repeats=sizes["repeats"], warmup=1)
-            table_runs[kind, mode] = run_probe(spec)
+            table_runs[kind, mode] = add_flops(run_probe(spec), config, sizes["batch"])
             print(f"{kind} {mode}: {table_runs[kind, mode].get('cells_per_s', table_runs[kind, mode]['status'])}",
                   flush=True)
 
@@ -89,6 +114,7 @@ def main(argv=None) -> dict:
                             warmup=0 if big else 1)
                 result = previous or run_probe(spec)
             result["estimated_s"], result["estimated_activation_mb"] = est_time, est_mem
+            add_flops(result, config, sizes["batch"])
             if result.get("status") == "ok":
                 times.append((genes, result["median_s"]))
                 memory.append((genes, max(result["activation_peak_mb"], 1.0)))
@@ -113,14 +139,26 @@ def main(argv=None) -> dict:
         }
         entry["panfoma_forward_speedup"] = (panfoma_fwd["cells_per_s"] / fwd["cells_per_s"]) if fwd and panfoma_fwd else None
         entry["panfoma_train_speedup"] = (panfoma_train["cells_per_s"] / train["cells_per_s"]) if train and panfoma_train else None
+        entry["forward_gflop_per_cell"] = table_runs[kind, "forward"]["gflop_per_cell"]
+        entry["forward_gflops"] = fwd["achieved_gflops"] if fwd else None
+        entry["train_gflops"] = train["achieved_gflops"] if train else None
+        entry["flop_ceiling"] = entry["forward_gflop_per_cell"] / table_runs["panfoma", "forward"]["gflop_per_cell"]
+        entry["forward_fraction_of_ceiling"] = ratio(entry["panfoma_forward_speedup"], entry["flop_ceiling"])
+        entry["train_fraction_of_ceiling"] = ratio(entry["panfoma_train_speedup"], entry["flop_ceiling"])
         summary[kind] = entry
         rows.append([LABELS[kind], entry["parameters_non_embedding"] / 1e6 if entry["parameters_non_embedding"] else "-",
                      entry["forward_cells_per_s"] or "-", entry["train_cells_per_s"] or "-",
                      entry["forward_peak_rss_mb"] or "-", entry["train_peak_rss_mb"] or "-",
-                     entry["panfoma_forward_speedup"] or "-", entry["panfoma_train_speedup"] or "-"])
-    print(f"\nPeers at {preset} width, {sizes['genes']} genes, batch {sizes['batch']}, {threads} threads")
+                     entry["panfoma_forward_speedup"] or "-", entry["panfoma_train_speedup"] or "-",
+                     entry["forward_gflop_per_cell"], entry["forward_gflops"] or "-", entry["train_gflops"] or "-",
+                     entry["flop_ceiling"], entry["forward_fraction_of_ceiling"] or "-",
+                     entry["train_fraction_of_ceiling"] or "-"])
+    print(f"\nPeers at {preset} width, {sizes['genes']} genes, batch {sizes['batch']}, {threads} threads "
+          "(FLOP-bound ceiling = the row's FLOPs / PanFoMa's; fraction = PanFoMa x / ceiling)")
     peer_table = print_table(rows, ["model", "M params (non-emb.)", "fwd cells/s", "train cells/s",
-                                    "fwd peak MB", "train peak MB", "PanFoMa fwd x", "PanFoMa train x"])
+                                    "fwd peak MB", "train peak MB", "PanFoMa fwd x", "PanFoMa train x",
+                                    "fwd GFLOP/cell", "fwd GFLOP/s", "train GFLOP/s", "FLOP-bound ceiling",
+                                    "fwd fraction of ceiling", "train fraction of ceiling"])
 
     srows = []
     for i, genes in enumerate(sizes["scaling"]):
@@ -129,19 +167,39 @@ def main(argv=None) -> dict:
             r = scaling[kind][i]
             row += [r["median_s"], r["peak_rss_mb"]] if r.get("status") == "ok" else [r["status"], "-"]
         p, a = scaling["panfoma"][i], scaling["attention"][i]
-        row.append(a["median_s"] / p["median_s"] if ok(p) and ok(a) else "-")
+        speedup = a["median_s"] / p["median_s"] if ok(p) and ok(a) else None
+        ceiling = a["gflop_per_cell"] / p["gflop_per_cell"]
+        row += [speedup or "-", ceiling, ratio(speedup, ceiling) or "-"]
         srows.append(row)
-    print(f"\nScaling (forward, batch {sizes['batch']}): seconds and peak RSS MB")
+    print(f"\nScaling (forward, batch {sizes['batch']}): seconds and peak RSS MB; FLOP-bound ceiling = attention "
+          "FLOPs / PanFoMa FLOPs, fraction = measured attention/PanFoMa time / ceiling")
     scaling_table = print_table(srows, ["genes", "PanFoMa s", "PanFoMa MB", "attention s", "attention MB",
-                                        "BiMamba s", "BiMamba MB", "attention/PanFoMa time"])
-    speedups = {}
+                                        "BiMamba s", "BiMamba MB", "attention/PanFoMa time", "FLOP-bound ceiling",
+                                        "fraction of ceiling"])
+    frows = []
     for i, genes in enumerate(sizes["scaling"]):
-        p, a = ok(scaling["panfoma"][i]), ok(scaling["attention"][i])
-        speedups[str(genes)] = a["median_s"] / p["median_s"] if p and a else None
+        row = [genes]
+        for kind in KINDS:
+            r = scaling[kind][i]
+            row += [r["gflop_per_cell"], r.get("achieved_gflops") or "-"]
+        frows.append(row)
+    print(f"\nScaling (forward): analytic GFLOP per cell and achieved GFLOP/s ({threads} threads)")
+    scaling_flops_table = print_table(frows, ["genes", "PanFoMa GFLOP/cell", "PanFoMa GFLOP/s",
+                                              "attention GFLOP/cell", "attention GFLOP/s",
+                                              "BiMamba GFLOP/cell", "BiMamba GFLOP/s"])
+    speedups, ceilings, fractions = {}, {}, {}
+    for i, genes in enumerate(sizes["scaling"]):
+        p, a = scaling["panfoma"][i], scaling["attention"][i]
+        speedups[str(genes)] = a["median_s"] / p["median_s"] if ok(p) and ok(a) else None
+        ceilings[str(genes)] = a["gflop_per_cell"] / p["gflop_per_cell"]
+        fractions[str(genes)] = ratio(speedups[str(genes)], ceilings[str(genes)])
+    flops_per_cell = {kind: {str(g): model_flops(kind, config, g) for g in sizes["scaling"]} for kind in KINDS}
     payload = {"benchmark": "peers", "quick": args.quick, "preset": preset, "sizes": sizes, "summary": summary,
                "scaling": scaling, "attention_over_panfoma_time": speedups,
+               "flop_ceiling_vs_attention": ceilings, "fraction_of_ceiling_vs_attention": fractions,
+               "flops_per_cell": flops_per_cell, "train_flops_per_forward": TRAIN_FLOPS_PER_FORWARD,
                "runs": [dict(r, key=f"{k}/{m}") for (k, m), r in table_runs.items()],
-               "tables": {"peers": peer_table, "scaling": scaling_table}}
+               "tables": {"peers": peer_table, "scaling": scaling_table, "scaling_flops": scaling_flops_table}}
     write_json(args.out, payload)
     return payload
 

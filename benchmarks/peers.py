@@ -12,10 +12,18 @@ Depth budget: PanFoMa applies its shared Transformer block 6 times and has 6 bid
 12 blocks; each peer gets 12 blocks of its own kind. Widths (hidden, heads, FFN, Mamba state/expand) come from
 the same `PanFoMaConfig` preset. Both peers return `(per-gene states (b, n, d), cell embedding (b, d))`.
 
-Dimension legend: b cells, n genes, t = n + 1 tokens with the CLS, d hidden, h heads, k head size.
+Dimension legend: b cells, n genes, t = n + 1 tokens with the CLS, d hidden, h heads, k head size, f FFN size,
+e Mamba inner channels, s state size, r dt rank, c chunks of m genes.
+
+FLOPs per cell (`model_flops`, `panfoma_flops`, `attention_flops`, `bimamba_flops`): the analytic forward counts
+of all three models in one place (2 FLOPs per multiply-add), so the peer table's "FLOP-bound ceiling" and
+the hardware-floor benchmark use the same numbers. `tests/test_benchmarks_smoke.py` checks them against
+`torch.utils.flop_counter.FlopCounterMode` on a real forward.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -123,6 +131,71 @@ class PeerBiMambaEncoder(nn.Module):
             x = layer(x, lengths, valid)
         x = self.norm(x) * valid.unsqueeze(-1).to(x.dtype)
         return x, masked_mean(x, valid)  # per-gene states (b, n, d), mean-pooled embedding (b, d)
+
+
+# --------------------------------------------------------------------------------------------------
+# FLOPs per cell (forward; 2 per multiply-add). Embedding lookups, norms and elementwise ops are left out: they are
+# memory-bound and carry no matmul work. `total` is what the FLOP-bound ceilings divide.
+# --------------------------------------------------------------------------------------------------
+
+
+def mamba_mixer_flops(config: PanFoMaConfig, genes: int) -> dict[str, float]:
+    """One `PanFoMaMambaMixer` over `genes` tokens: its projections (matmuls) and its selective scan.
+
+    Projections: in_proj d -> 2e, x_proj e -> r + 2s, dt_proj r -> e, out_proj e -> d. Scan: per token, channel
+    and state ~3 multiply-adds (decay * h + drive * B, h * C) = 6 FLOPs; its exp is counted apart (`scan_work`).
+    """
+    d, e, s, r = config.hidden_size, config.intermediate_mamba_size, config.state_size, config.time_step_rank
+    return {"linear": 2 * genes * (d * 2 * e + e * (r + 2 * s) + r * e + e * d), "scan": 6 * genes * e * s}
+
+
+def panfoma_flops(config: PanFoMaConfig, genes: int) -> dict[str, float]:
+    """Forward FLOPs of one PanFoMa cell with `genes` genes, by component.
+
+    Encoder: per application of the shared block, the chunk tokens (c chunks of m genes + 1 CLS each) through the
+    QKV/out projections and the FFN, plus QK^T and AV inside each chunk. Decoder: per bidirectional layer two
+    mixers and the d x d gate. The GDS score (2 n d) and pooling are O(n d) and left out.
+    """
+    d, f = config.hidden_size, config.intermediate_size
+    c = max(1, math.ceil(genes / config.gene_chunk_size))
+    m = math.ceil(genes / c)
+    tokens = c * (m + 1)
+    encoder_linear = config.num_encoder_layers * 2 * tokens * (4 * d * d + 2 * d * f)
+    encoder_attention = config.num_encoder_layers * 4 * c * (m + 1) ** 2 * d
+    mixer = mamba_mixer_flops(config, genes)
+    decoder_linear = config.num_mamba_layers * (2 * mixer["linear"] + 2 * genes * d * d)
+    scan = config.num_mamba_layers * 2 * mixer["scan"]
+    matmul = encoder_linear + encoder_attention + decoder_linear
+    return {"encoder_linear": encoder_linear, "encoder_attention": encoder_attention,
+            "decoder_linear": decoder_linear, "scan": scan, "matmul_total": matmul, "total": matmul + scan}
+
+
+def attention_flops(config: PanFoMaConfig, genes: int, num_layers: int = PEER_NUM_LAYERS) -> dict[str, float]:
+    """Forward FLOPs of one cell through `PeerFullAttentionEncoder`: t = genes + 1 tokens (with the CLS), per
+    layer QKV + out projections (4 d^2 per token) and the FFN (2 d f), plus QK^T and AV over all t x t pairs."""
+    d, f = config.hidden_size, config.intermediate_size
+    t = genes + 1
+    linear = num_layers * 2 * t * (4 * d * d + 2 * d * f)
+    attention = num_layers * 4 * t * t * d
+    return {"linear": linear, "attention": attention, "matmul_total": linear + attention,
+            "total": linear + attention}
+
+
+def bimamba_flops(config: PanFoMaConfig, genes: int, num_layers: int = PEER_NUM_LAYERS) -> dict[str, float]:
+    """Forward FLOPs of one cell through `PeerBiMambaEncoder`: per layer a forward and a backward mixer (the same
+    mixer as PanFoMa's decoder, over all genes), no gate."""
+    mixer = mamba_mixer_flops(config, genes)
+    linear = num_layers * 2 * mixer["linear"]
+    scan = num_layers * 2 * mixer["scan"]
+    return {"linear": linear, "scan": scan, "matmul_total": linear, "total": linear + scan}
+
+
+def model_flops(kind: str, config: PanFoMaConfig, genes: int) -> dict[str, float]:
+    """Forward FLOPs per cell of a benchmark model kind (`"panfoma"`, `"attention"`, `"bimamba"`) at `genes`."""
+    functions = {"panfoma": panfoma_flops, "attention": attention_flops, "bimamba": bimamba_flops}
+    if kind not in functions:
+        raise ValueError(f"unknown model kind {kind!r}; choose from {tuple(functions)}.")
+    return functions[kind](config, genes)
 
 
 def build_peer(kind: str, config: PanFoMaConfig, num_layers: int = PEER_NUM_LAYERS) -> nn.Module:
