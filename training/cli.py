@@ -4,7 +4,7 @@
     panfoma build-bench studies.yaml -o bench      # .h5ad studies -> PanFoMaBench dataset folder
     panfoma pretrain --config panfoma-small --dataset bench --output-dir runs/small [--num-processes 2]
     panfoma finetune runs/small bench -o runs/celltype --label-column cell_type
-    panfoma embed runs/small cells.h5ad -o cells.panfoma.h5ad [--all-genes] [--device cuda]
+    panfoma embed runs/small cells.h5ad -o cells.panfoma.h5ad [--all-genes] [--precision fp32]
     panfoma evaluate pancancer cells.h5ad --model runs/small --output-dir eval
     panfoma push runs/small my-name/panfoma-small
 
@@ -59,17 +59,18 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def _cmd_embed(args: argparse.Namespace) -> int:
-    from .embed import embed_file
+    import h5py
+    from anndata.io import read_elem
 
-    dtype = None
-    if args.bf16:
-        import torch
+    from .embed import embed_file, embedding_metadata_key
 
-        dtype = torch.bfloat16
     path = embed_file(args.model, args.input, args.output, batch_size=args.batch_size, all_genes=args.all_genes,
                       max_genes=args.max_genes, layer=args.layer, gene_names=args.gene_names, device=args.device,
-                      autocast_dtype=dtype, key=args.key, overwrite=args.overwrite)
-    _print(f"wrote obsm[{args.key!r}] to {path}")
+                      precision=args.precision, key=args.key, overwrite=args.overwrite)
+    uns_key = embedding_metadata_key(args.key)
+    with h5py.File(path, "r") as handle:  # report the precision really used (auto resolves per machine)
+        used = read_elem(handle["uns"][uns_key])["precision"]
+    _print(f"wrote obsm[{args.key!r}] ({used}) and uns[{uns_key!r}] to {path}")
     return 0
 
 
@@ -83,7 +84,16 @@ def _add_embed_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layer", default=None, help="read counts from adata.layers[LAYER]")
     parser.add_argument("--gene-names", default=None, help="adata.var column holding gene names (default var_names)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (GPUs)")
+    precision = parser.add_mutually_exclusive_group()
+    precision.add_argument(
+        "--precision", choices=("auto", "fp32", "bf16"), default="auto",  # = embed.PRECISIONS (torch-free import)
+        help="auto (default): bf16 autocast where the device runs bf16 natively (CUDA GPUs with bf16; CPUs with "
+             "AVX512-BF16, AMX-BF16 or Arm BF16), fp32 elsewhere (emulated bf16 is slower than fp32). bf16 vs fp32 "
+             "embeddings: per-cell cosine median 1.0000, kNN@10 overlap 0.995, 1.45x faster on a 2-core AVX512-BF16 "
+             "CPU (benchmarks/bench_precision.py). fp32 is the exact float32 forward. The precision used is "
+             "recorded in uns")
+    precision.add_argument("--bf16", dest="precision", action="store_const", const="bf16",
+                           help="same as --precision bf16")
     parser.add_argument("--key", default="X_panfoma", help="obsm key (default X_panfoma)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
 
