@@ -284,6 +284,7 @@ def embed_adata(
     return embeddings
 
 
+@torch.no_grad()
 def _embed(model, processor, adata, *, batch_size, all_genes, max_genes, layer, gene_names, seed, device,
            precision, autocast_dtype, progress) -> tuple[np.ndarray, dict[str, Any]]:
     """`embed_adata` without the AnnData write-back: `(embeddings, metadata of how they were made)`."""
