@@ -1,6 +1,9 @@
-"""Embedding AnnData with a saved checkpoint: batching invariance, backed files, --all-genes, vocabulary checks."""
+"""Embedding AnnData with a saved checkpoint: batching invariance, backed files, --all-genes, vocabulary checks,
+precision (auto/fp32/bf16: agreement on real cells, exact fp32, uns record)."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import anndata as ad
 import numpy as np
@@ -84,3 +87,128 @@ def test_gene_embeddings_are_rows_of_the_embedding_table(model_dir):
     assert names == sorted(names, key=processor.vocab.token_to_id) and set(names) == {"CD3E", "ACTB"}
     table = model.get_input_embeddings().weight.detach().numpy()
     np.testing.assert_array_equal(rows[names.index("CD3E")], table[processor.vocab.token_to_id("CD3E")])
+
+
+# --- precision: "auto" | "fp32" | "bf16" -------------------------------------------------------------------------
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+PBMC = SHARED_DATA / "pbmc" / "pbmc68k_reduced_counts.h5ad"
+
+
+@pytest.fixture(scope="module")
+def pbmc_cells():
+    """48 real PBMC cells (raw counts, 765 genes); skipped without ../shared/data."""
+    if not PBMC.exists():
+        pytest.skip(f"real data {PBMC} is absent (../shared/data sits beside the checkout in CI)")
+    return ad.read_h5ad(PBMC)[:48].copy()
+
+
+@pytest.fixture(scope="module")
+def model_64(tmp_path_factory):
+    return load_model_and_processor(save_tiny_pretrained(tmp_path_factory.mktemp("embed64") / "model", max_genes=64),
+                                    device="cpu")
+
+
+def _cosine(a, b):
+    return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+
+
+def test_bf16_and_fp32_embeddings_of_real_cells_agree(model_64, pbmc_cells):
+    model, processor = model_64
+    fp32 = embed_adata(model, processor, pbmc_cells, precision="fp32", progress=False)
+    bf16 = embed_adata(model, processor, pbmc_cells, precision="bf16", progress=False)
+    assert not np.array_equal(fp32, bf16)  # the autocast really ran in bf16
+    assert _cosine(fp32, bf16).min() >= 0.99
+    # An untrained model gives every cell nearly the same embedding, so also compare what tells cells apart:
+    # the embeddings with the fp32 mean removed, and each cell's nearest neighbours.
+    mean = fp32.mean(0)
+    assert np.median(_cosine(fp32 - mean, bf16 - mean)) >= 0.99
+    k = 5
+
+    def neighbours(x):
+        x = x - mean
+        x = x / np.linalg.norm(x, axis=1, keepdims=True)
+        similarity = x @ x.T
+        np.fill_diagonal(similarity, -np.inf)
+        return np.argsort(-similarity, axis=1)[:, :k]
+
+    overlap = np.mean([len(set(a) & set(b)) / k for a, b in zip(neighbours(fp32), neighbours(bf16))])
+    assert overlap >= 0.8
+
+
+def test_fp32_is_exactly_the_plain_float32_forward(model_64, pbmc_cells):
+    import torch
+
+    model, processor = model_64
+    cells = pbmc_cells[:12]
+    batch = processor(cells)  # the same per-cell gene sampling as embed_adata's batches
+    with torch.no_grad():
+        plain = model(input_ids=batch["input_ids"], values=batch["values"],
+                      attention_mask=batch["attention_mask"]).pooler_output.numpy()
+    np.testing.assert_array_equal(embed_adata(model, processor, cells, batch_size=12, precision="fp32",
+                                              progress=False), plain)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_follows_the_cpu_bf16_check(model_dir, cells, monkeypatch, native):
+    import panfoma.training.embed as embed_module
+
+    monkeypatch.setattr(embed_module, "cpu_has_native_bf16", lambda: native)
+    expected = "bf16" if native else "fp32"
+    assert embed_module.resolve_precision("auto", "cpu") == expected
+    model, processor = load_model_and_processor(model_dir, device="cpu")
+    adata = cells[0][:10].copy()
+    auto = embed_adata(model, processor, adata, precision="auto", key_added="X_panfoma", progress=False)
+    np.testing.assert_array_equal(auto, embed_adata(model, processor, adata, precision=expected, progress=False))
+    assert adata.uns["panfoma"]["precision"] == expected and adata.uns["panfoma"]["obsm_key"] == "X_panfoma"
+
+
+@pytest.mark.parametrize("flags, native", [
+    ({"architecture": "x86_64", "avx2": True, "avx512_f": True, "avx512_bf16": False, "amx_bf16": False}, False),
+    ({"architecture": "x86_64", "avx2": True, "avx512_f": True, "avx512_bf16": True}, True),
+    ({"architecture": "x86_64", "avx2": True, "amx_bf16": True}, True),
+    ({"architecture": "arm64", "neon": True, "bf16": False}, False),
+    ({"architecture": "arm64", "neon": True, "bf16": True}, True),
+])
+def test_cpu_bf16_check_reads_the_native_bf16_flags(monkeypatch, flags, native):
+    import torch
+
+    from panfoma.training.embed import cpu_has_native_bf16
+
+    if not hasattr(torch.cpu, "get_capabilities"):
+        pytest.skip("this torch has no torch.cpu.get_capabilities (auto then always picks fp32 on CPUs)")
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: flags)
+    assert cpu_has_native_bf16() is native
+
+
+def test_embed_file_records_the_precision_in_uns(model_dir, cells, tmp_path):
+    adata, path = cells
+    out = embed_file(model_dir, path, tmp_path / "out.h5ad", precision="fp32", progress=False)
+    written = ad.read_h5ad(out)
+    meta = written.uns["panfoma"]
+    assert meta["precision"] == "fp32" and meta["obsm_key"] == "X_panfoma" and meta["model"] == str(model_dir)
+    assert meta["device"] == "cpu" and meta["max_genes"] == 8
+    out = embed_file(model_dir, out, out, precision="bf16", key="X_panfoma_bf16", progress=False)  # in place
+    written = ad.read_h5ad(out)
+    assert written.uns["panfoma_bf16"]["precision"] == "bf16" and written.uns["panfoma"]["precision"] == "fp32"
+    assert not np.array_equal(written.obsm["X_panfoma_bf16"], written.obsm["X_panfoma"])
+
+
+def test_bad_precision_is_refused_and_autocast_dtype_is_deprecated(model_dir, cells, tmp_path):
+    import torch
+
+    model, processor = load_model_and_processor(model_dir, device="cpu")
+    adata = cells[0][:6]
+    with pytest.raises(ValueError, match=r"precision must be one of \('auto', 'fp32', 'bf16'\), got 'fp16'"):
+        embed_adata(model, processor, adata, precision="fp16", progress=False)
+    with pytest.raises(ValueError, match="precision must be one of"):
+        embed_file(model_dir, cells[1], tmp_path / "o.h5ad", precision="half", progress=False)
+    assert not (tmp_path / "o.h5ad").exists()
+    with pytest.warns(FutureWarning, match="precision='bf16'"):
+        old = embed_adata(model, processor, adata, autocast_dtype=torch.bfloat16, progress=False)
+    np.testing.assert_array_equal(old, embed_adata(model, processor, adata, precision="bf16", progress=False))
+    with pytest.raises(ValueError, match="not both"):
+        embed_adata(model, processor, adata, precision="fp32", autocast_dtype=torch.bfloat16, progress=False)
+    model.to(torch.bfloat16)  # bf16 parameters cannot give an fp32 forward: refused rather than mislabelled
+    with pytest.raises(ValueError, match="parameters are torch.bfloat16"):
+        embed_adata(model, processor, adata, precision="fp32", progress=False)
