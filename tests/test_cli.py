@@ -60,3 +60,51 @@ def test_bad_input_gives_one_clear_error_line(tmp_path, caplog):
     assert "lacks the column(s) ['gene_ids']" in caplog.text
     with pytest.raises(SystemExit):
         main(["finetune", "--label-column"])
+
+
+def _small_h5ad(path):
+    import anndata as ad
+    import numpy as np
+    import scipy.sparse as sp
+
+    adata = ad.AnnData(X=sp.csr_matrix(np.random.default_rng(1).poisson(2.0, (8, 5)).astype(np.float32) + 1))
+    adata.var_names = ["CD3E", "ACTB", "GAPDH", "LYZ", "MS4A1"]
+    adata.write_h5ad(path)
+    return adata
+
+
+def test_embed_precision_options(tmp_path, capsys):
+    import anndata as ad
+    import numpy as np
+
+    from panfoma.training.embed import PRECISIONS, embed_adata, load_model_and_processor
+
+    model_dir = save_tiny_pretrained(tmp_path / "model")
+    adata = _small_h5ad(tmp_path / "cells.h5ad")
+    model, processor = load_model_and_processor(model_dir, device="cpu")
+    for flags, precision in ((["--precision", "fp32"], "fp32"), (["--bf16"], "bf16"),
+                             (["--precision", "bf16"], "bf16")):
+        out = tmp_path / f"{'_'.join(flags)}.h5ad"
+        assert main(["embed", str(model_dir), str(tmp_path / "cells.h5ad"), "-o", str(out), "--device", "cpu",
+                     *flags]) == 0
+        written = ad.read_h5ad(out)
+        assert written.uns["panfoma"]["precision"] == precision
+        assert f"({precision})" in capsys.readouterr().out
+        np.testing.assert_array_equal(written.obsm["X_panfoma"],
+                                      embed_adata(model, processor, adata, precision=precision, progress=False))
+    # The parser keeps its choices literal (no torch import for --help); they must stay the library's.
+    from panfoma.training.cli import _build_parser
+
+    commands = next(a for a in _build_parser()._actions if a.dest == "command")
+    option = next(a for a in commands.choices["embed"]._actions if "--precision" in a.option_strings)
+    assert tuple(option.choices) == PRECISIONS and option.default == "auto"
+
+
+def test_embed_bad_precision_is_refused_by_the_parser(tmp_path, capsys):
+    base = ["embed", "model", "in.h5ad", "-o", str(tmp_path / "o.h5ad")]
+    with pytest.raises(SystemExit):
+        main([*base, "--precision", "fp16"])
+    assert "invalid choice: 'fp16'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*base, "--bf16", "--precision", "fp32"])
+    assert "not allowed with argument" in capsys.readouterr().err
