@@ -22,19 +22,24 @@ import bench_floor  # noqa: E402
 import bench_model  # noqa: E402
 import bench_peers  # noqa: E402
 import bench_precision  # noqa: E402
+import bench_scan  # noqa: E402
+import peers  # noqa: E402
 import run_all  # noqa: E402
-from _common import build_model, make_inputs  # noqa: E402
+from _common import SCAN_WORK_PER_ELEMENT, bench_config, build_model, make_inputs, scan_work  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    """Run the four core scripts in --quick mode once (in this process: no interpreter start per script)."""
+    """Run the four core scripts in --quick mode once (in this process: no interpreter start per script), and the
+    scan benchmark at two tiny sizes."""
     out = tmp_path_factory.mktemp("bench")
     threads = torch.get_num_threads()
     try:
         for name, module in (("model", bench_model), ("peers", bench_peers), ("floor", bench_floor),
                              ("precision", bench_precision)):
             module.main(["--quick", "--threads", "1", "--out", str(out / f"{name}.json")])
+        bench_scan.main(["--quick", "--threads", "1", "--repeats", "1", "--sizes", "2,16,40,4;1,8,24,4",
+                         "--output", str(out / "scan.json")])
     finally:
         torch.set_num_threads(threads)
     return out
@@ -70,6 +75,29 @@ def test_bench_peers_json(results):
         assert [r["genes"] for r in runs] == payload["sizes"]["scaling"], kind
         assert all(r["status"] == "ok" and r["median_s"] > 0 for r in runs), kind
     assert all(v > 0 for v in payload["attention_over_panfoma_time"].values())
+    # FLOP columns: analytic per-cell counts (training = 3x forward), achieved rates, ceilings vs PanFoMa.
+    config = bench_config(payload["preset"], quick=True)
+    genes = payload["sizes"]["genes"]
+    runs = {run["key"]: run for run in payload["runs"]}
+    for kind, entry in payload["summary"].items():
+        forward = peers.model_flops(kind, config, genes)["total"] / 1e9
+        assert entry["forward_gflop_per_cell"] == pytest.approx(forward)
+        assert runs[f"{kind}/train"]["gflop_per_cell"] == pytest.approx(3 * forward)
+        assert entry["forward_gflops"] == pytest.approx(forward * entry["forward_cells_per_s"])
+        assert entry["train_gflops"] > 0
+        assert entry["flop_ceiling"] == pytest.approx(forward / payload["summary"]["panfoma"]["forward_gflop_per_cell"])
+        assert entry["forward_fraction_of_ceiling"] == pytest.approx(entry["panfoma_forward_speedup"] / entry["flop_ceiling"])
+    for genes_key, ceiling in payload["flop_ceiling_vs_attention"].items():
+        assert ceiling == pytest.approx(payload["flops_per_cell"]["attention"][genes_key]["total"]
+                                        / payload["flops_per_cell"]["panfoma"][genes_key]["total"])
+        assert payload["fraction_of_ceiling_vs_attention"][genes_key] == pytest.approx(
+            payload["attention_over_panfoma_time"][genes_key] / ceiling)
+    for kind, runs_of_kind in payload["scaling"].items():
+        assert all(r["achieved_gflops"] > 0 and r["gflop_per_cell"] > 0 for r in runs_of_kind), kind
+    for column in ("FLOP-bound ceiling", "fwd fraction of ceiling", "fwd GFLOP/s"):
+        assert column in payload["tables"]["peers"]
+    assert "fraction of ceiling" in payload["tables"]["scaling"]
+    assert "attention GFLOP/s" in payload["tables"]["scaling_flops"]
 
 
 def test_bench_floor_json(results):
@@ -79,6 +107,10 @@ def test_bench_floor_json(results):
     assert payload["flops_per_cell"]["total"] > payload["flops_per_cell"]["matmul_total"] > 0
     assert 0 < payload["encoder"]["fp32_fraction_of_peak"]
     assert payload["scan"]["forward_s"] > 0 and payload["scan"]["time_over_floor"] > 0
+    assert payload["exp_per_s"] > 0 and payload["scan"]["compute_floor_s"] > 0
+    scan = payload["scan"]
+    assert scan["time_over_max_floor"] == pytest.approx(min(scan["time_over_floor"], scan["time_over_compute_floor"]))
+    assert "x compute floor" in payload["table"]
     assert payload["model"]["gflops"] > 0
 
 
@@ -95,12 +127,74 @@ def test_bench_precision_json(results):
     assert isinstance(payload["recommend_bf16_default"], bool)
 
 
+def test_bench_scan_json(results):
+    payload = json.loads((results / "scan.json").read_text())
+    assert payload["quick"] is True and payload["exp_per_s"] > 0 and payload["matmul_gflops_fp32"] > 0
+    assert [(r["b"], r["e"], r["l"], r["s"]) for r in payload["results"]] == [(2, 16, 40, 4), (1, 8, 24, 4)]
+    for row in payload["results"]:
+        assert row["work"] == scan_work(row["b"], row["e"], row["l"], row["s"])
+        for mode in ("forward", "forward_backward"):
+            assert row["max_floor_s"][mode] == max(row["floor_s"][mode], row["compute_floor_s"][mode]) > 0
+        for name in ("numba", "torch", "reference"):
+            timing = row["backends"][name]
+            for mode in ("forward", "forward_backward"):
+                assert timing["x_max_floor"][mode] == pytest.approx(
+                    min(timing["x_floor"][mode], timing["x_compute_floor"][mode]))
+        assert "full_length" not in row["backends"]["reference"]  # quick: the full-length loop never runs
+
+
+def test_full_length_reference_runs_or_says_why_not():
+    """The full-length autograd loop runs when its estimate fits and is skipped with the estimate when not."""
+    inputs = bench_scan.make_inputs(1, 4, 12, 3)
+    done = bench_scan.full_length_reference(inputs, (1000.0, 1000.0), scaled_estimate_s=0.0)
+    assert done["status"] == "ok" and done["forward_backward_s"] > 0
+    assert done["estimated_memory_gb"] == pytest.approx((1000.0 * 12 + 3 * 4 * sum(t.numel() for t in inputs.values())) / 1e9)
+    huge = bench_scan.full_length_reference(inputs, (1e12, 1e12), scaled_estimate_s=0.0)
+    assert huge["status"].startswith("skipped: estimated") and "forward_backward_s" not in huge
+    with pytest.raises(Exception, match="4 positive integers"):
+        bench_scan.parse_sizes("8,1024,3072")
+
+
+def test_scan_work_counts_what_the_reference_loop_computes():
+    """The compute floor's forward counts equal the exps and multiplications of the plain per-step loop (counted on
+    the ops it dispatches): one exp and four multiplies per (cell, channel, step, state) element."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from panfoma.selective_scan import selective_scan_reference
+
+    b, e, l, s = 2, 3, 5, 7  # distinct sizes: a (b, e, s) output is the scan's per-step state work
+    counts = {"exp": 0, "mul": 0}
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            name = func.overloadpacket.__name__
+            if name in counts and tuple(out.shape) == (b, e, s):
+                counts[name] += out.numel()
+            return out
+
+    inputs = bench_scan.make_inputs(b, e, l, s)
+    with torch.no_grad(), Count():
+        selective_scan_reference(**inputs, delta_softplus=True)
+    work = scan_work(b, e, l, s)["forward"]
+    assert counts["exp"] == work["exp"] == b * e * l * s
+    assert counts["mul"] == work["multiply_adds"]
+    # The recompute-based backward repeats the forward's exp (the decays are not stored).
+    assert SCAN_WORK_PER_ELEMENT["forward_backward"]["exp"] == 2 * SCAN_WORK_PER_ELEMENT["forward"]["exp"]
+
+
 def test_run_all_folds_results_into_summary(results, capsys):
     assert run_all.main(["--no-run", "--results", str(results)]) == 0
     summary = json.loads((results / "summary.json").read_text())
     assert summary["quick"] is False or summary["quick"] is True
+    targets = {row[0]: row for row in summary["targets"]}
+    ceiling_rows = [row for name, row in targets.items() if "of its FLOP-bound ceiling vs full attention" in name]
+    assert len(ceiling_rows) == 2 and all(row[2] == "quick run: not judged" for row in ceiling_rows)
+    assert any(name.startswith("CPU scan fwd+bwd within 3x of its floor (1, 8, 24, 4)")
+               or name.startswith("CPU scan fwd+bwd within 3x of its floor (2, 16, 40, 4)") for name in targets)
     text = (results / "summary.md").read_text()
-    for section in ("### model", "### peers - peers", "### peers - scaling", "### floor", "### precision"):
+    for section in ("### model", "### peers - peers", "### peers - scaling", "### peers - scaling_flops", "### floor",
+                    "### precision", "### targets"):
         assert section in text
     try:
         import matplotlib  # noqa: F401
@@ -134,6 +228,41 @@ def test_flop_count_matches_torch_flop_counter():
         + 2 * genes * model.config.hidden_size
     )
     assert total == analytic
+
+
+@pytest.mark.parametrize("kind", ["panfoma", "attention", "bimamba"])
+def test_analytic_flops_match_torch_flop_counter_with_sdpa(kind):
+    """peers.model_flops (what the FLOP-bound ceilings divide) against torch's FlopCounterMode on a real forward with
+    the default SDPA attention.
+
+    PyTorch's CPU SDPA kernel (`aten._scaled_dot_product_flash_attention_for_cpu`) has no entry in the counter's
+    registry, so it is mapped to torch's own SDPA formula (`flop_counter.sdpa_flop_count`: QK^T + AV from the real
+    q/k/v shapes); the assertion that it was counted guards against the kernel changing name. The scan runs outside
+    aten (numba) and is not matmul work: the counts are compared with `matmul_total`.
+    Tolerance 0.1%: the analytic counts leave out O(n d) matmuls (PanFoMa's GDS score, 2 n d = 0.01% here) and
+    nothing else; one missing or extra layer would move the count by >= 1/12 of it.
+    """
+    from torch.utils import flop_counter
+
+    sdpa_cpu = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    model = build_model(kind, "panfoma-tiny", quick=True).eval()
+    genes = 100  # PanFoMa: 4 chunks of 25 genes with chunk size 32; attention: 101 x 101 pairs
+    inputs = make_inputs(model.config.vocab_size, model.config.n_bins, 1, genes)
+
+    def sdpa_cpu_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
+        return flop_counter.sdpa_flop_count(query_shape, key_shape, value_shape)  # torch's formula, real shapes
+
+    counter = flop_counter.FlopCounterMode(display=False, custom_mapping={sdpa_cpu: sdpa_cpu_flops})
+    with torch.no_grad(), counter:
+        model(**inputs)
+    counted = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
+    analytic = peers.model_flops(kind, bench_config("panfoma-tiny", quick=True), genes)
+    if kind != "bimamba":
+        assert sum(n for op, n in counted.items() if "attention" in op) > 0, counted
+    assert counter.get_total_flops() == pytest.approx(analytic["matmul_total"], rel=1e-3), counted
+    if kind == "attention":  # the quadratic term alone: 4 t^2 d over 12 layers
+        attention = sum(n for op, n in counted.items() if "attention" in op)
+        assert attention == analytic["attention"] == 12 * 4 * (genes + 1) ** 2 * model.config.hidden_size
 
 
 def test_peers_ignore_padding_and_keep_shapes():
