@@ -22,9 +22,9 @@ Choices:
 * Precision (`precision="auto"`, the default): bf16 autocast where the device multiplies bf16 matrices natively
   (a CUDA GPU with bf16; a CPU with AVX512-BF16 / AMX-BF16 / Arm BF16), fp32 everywhere else. Measured on a 2-core
   AMD EPYC with AVX512-BF16 (`benchmarks/bench_precision.py`, `benchmarks/results/precision.json`; panfoma-base,
-  3,072 genes, 64 real PBMC cells): bf16 autocast forward 1.45x the fp32 cells/s, per-cell cosine of the bf16 and
-  fp32 embeddings median 1.0000 (minimum 0.99999, also after removing the mean embedding), 10-nearest-neighbour
-  overlap 0.995. `precision="fp32"` reproduces the plain float32 forward exactly. See `resolve_precision`.
+  randomly initialised, 3,072 genes, 64 real PBMC cells): bf16 autocast forward 1.45x the fp32 cells/s, per-cell
+  cosine of the bf16 and fp32 embeddings median 1.0000 (minimum 0.9999, also after removing the mean embedding),
+  10-nearest-neighbour overlap 0.995. `precision="fp32"` reproduces the plain float32 forward exactly. See `resolve_precision`.
 * `embed_file` never loads the expression matrix: the input file is copied and the embedding written into the
   copy's `obsm`, then the copy is renamed onto the output (an interrupted run leaves no half-written output).
   What produced it (model, precision, device, genes per cell, panfoma version) goes into `uns` beside it: key
@@ -107,10 +107,11 @@ def resolve_precision(precision: str = "auto", device: str | torch.device | None
     and slower than fp32, so "auto" does not use it (`"bf16"` still forces it).
 
     Why bf16 by default where it is native: the embeddings agree with fp32 to well within what matters for
-    downstream use. `benchmarks/bench_precision.py` (results in `benchmarks/results/precision.json`; panfoma-base,
-    3,072 genes, 64 real PBMC cells, 2-core AMD EPYC with AVX512-BF16) measured bf16 autocast at 1.45x the fp32
-    forward speed, per-cell cosine(bf16, fp32) median 1.0000 (minimum 0.99999, also after removing the mean
-    embedding) and a 10-nearest-neighbour overlap of 0.995. `"fp32"` gives the plain float32 forward exactly.
+    downstream use. `benchmarks/bench_precision.py` (results in `benchmarks/results/precision.json`; panfoma-base
+    randomly initialised, 3,072 genes, 64 real PBMC cells, 2-core AMD EPYC with AVX512-BF16) measured bf16 autocast
+    at 1.45x the fp32 forward speed, per-cell cosine(bf16, fp32) median 1.0000 (minimum 0.9999, also after removing
+    the mean embedding) and a 10-nearest-neighbour overlap of 0.995 (re-run it with `--model` on a trained
+    checkpoint to check yours). `"fp32"` gives the plain float32 forward exactly.
 
     Args:
         precision: `"auto"`, `"fp32"` or `"bf16"`.
