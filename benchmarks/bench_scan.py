@@ -189,7 +189,8 @@ def main(argv=None):
         inputs = make_inputs(batch, channels, length, state)
         forward_bytes, total_bytes = floor_bytes(batch, channels, length, state)
         work = scan_work(batch, channels, length, state)
-        memory_floor = {"forward": forward_bytes / (bandwidth * 1e9), "forward_backward": total_bytes / (bandwidth * 1e9)}
+        memory_floor = {"forward": forward_bytes / (bandwidth * 1e9),
+                        "forward_backward": total_bytes / (bandwidth * 1e9)}
         compute_floor = {mode: scan_compute_floor_s(work[mode], exp_rate, peak) for mode in work}
         max_floor = {mode: max(memory_floor[mode], compute_floor[mode]) for mode in work}
         row = {"b": batch, "e": channels, "l": length, "s": state, "floor_s": memory_floor,
@@ -257,8 +258,8 @@ def main(argv=None):
         "issue_size": list(ISSUE_SIZE),
         "reference_note": "autograd loop timed at measured_at_l and scaled linearly to l; full_length: one "
                           "forward+backward at the issue size (see the script's docstring)",
-        "x_floor_note": "x_floor: vs the memory-traffic floor; x_compute_floor: vs exps + multiply-adds at the measured "
-                        "rates; x_max_floor: vs the larger of the two",
+        "x_floor_note": "x_floor: vs the memory-traffic floor; x_compute_floor: vs exps + multiply-adds at the "
+                        "measured rates; x_max_floor: vs the larger of the two",
         "torch": torch.__version__,
         "python": sys.version.split()[0],
         "machine": platform.machine(),

@@ -124,7 +124,8 @@ def check_targets(data: dict) -> list[list[str]]:
         rows.append([f"PanFoMa-base fwd >= 2x full attention @{genes:,}",
                      _x(x) + (f" (FLOP-bound ceiling {ceiling:.2f}x)" if ceiling else ""),
                      _status(bool(x and x >= 2), quick)])
-        long_genes = 12288 if "12288" in peers.get("attention_over_panfoma_time", {}) else max(peers["sizes"]["scaling"])
+        measured = peers.get("attention_over_panfoma_time", {})
+        long_genes = 12288 if "12288" in measured else max(peers["sizes"]["scaling"])
         x = peers.get("attention_over_panfoma_time", {}).get(str(long_genes))
         ceiling = ceilings.get(str(long_genes))
         rows.append([f"... >= 6x @{long_genes:,}", _x(x) + (f" (FLOP-bound ceiling {ceiling:.2f}x)" if ceiling else ""),

@@ -86,7 +86,8 @@ def test_bench_peers_json(results):
         assert entry["forward_gflops"] == pytest.approx(forward * entry["forward_cells_per_s"])
         assert entry["train_gflops"] > 0
         assert entry["flop_ceiling"] == pytest.approx(forward / payload["summary"]["panfoma"]["forward_gflop_per_cell"])
-        assert entry["forward_fraction_of_ceiling"] == pytest.approx(entry["panfoma_forward_speedup"] / entry["flop_ceiling"])
+        assert entry["forward_fraction_of_ceiling"] == pytest.approx(
+            entry["panfoma_forward_speedup"] / entry["flop_ceiling"])
     for genes_key, ceiling in payload["flop_ceiling_vs_attention"].items():
         assert ceiling == pytest.approx(payload["flops_per_cell"]["attention"][genes_key]["total"]
                                         / payload["flops_per_cell"]["panfoma"][genes_key]["total"])
@@ -148,7 +149,8 @@ def test_full_length_reference_runs_or_says_why_not():
     inputs = bench_scan.make_inputs(1, 4, 12, 3)
     done = bench_scan.full_length_reference(inputs, (1000.0, 1000.0), scaled_estimate_s=0.0)
     assert done["status"] == "ok" and done["forward_backward_s"] > 0
-    assert done["estimated_memory_gb"] == pytest.approx((1000.0 * 12 + 3 * 4 * sum(t.numel() for t in inputs.values())) / 1e9)
+    input_bytes = 3 * 4 * sum(t.numel() for t in inputs.values())  # leaves, their grads, temporaries; float32
+    assert done["estimated_memory_gb"] == pytest.approx((1000.0 * 12 + input_bytes) / 1e9)
     huge = bench_scan.full_length_reference(inputs, (1e12, 1e12), scaled_estimate_s=0.0)
     assert huge["status"].startswith("skipped: estimated") and "forward_backward_s" not in huge
     with pytest.raises(Exception, match="4 positive integers"):
