@@ -283,140 +283,253 @@ _NUMBA_FAILED = False  # set after the one warning, so later calls go straight t
 # Written as plain module-level functions and compiled by _build_numba_kernels() on first use, so
 # that numba is never imported at module import and its on-disk cache (keyed by function and
 # source file) is reused across processes. The names below are rebound to numba objects there.
+#
+# Layout: the kernels vectorise ACROSS CHANNELS. A block is _LANES consecutive channels of one
+# cell; its inputs are gathered once into time-major (l, _LANES) scratch, so that every step of the
+# recurrence is a handful of _LANES-wide vector operations per state n (one AVX-512 register in
+# float32) with _LANES * s independent recurrence chains, instead of a scalar loop whose reduction
+# over n is one serial dependency chain per step. Lanes past the last channel are zero-filled and
+# computed but never written back.
 _prange = range
-_exp_in_place_jit = None
-_decays_of_channel_jit = None
+_LANES = 16  # float32 lanes of one AVX-512 register; _lane_sum below is written for exactly 16
 
 # float32 exp(x) = 2^k * p(r), x = k ln2 + r, |r| <= ln2 / 2, p the degree-7 Taylor polynomial
-# (truncation 2e-9 < half an ulp). Written out so LLVM vectorises it across a whole channel's
-# (l * s) block: libm's scalar expf was ~80% of the scan's time. Measured <= 1 ulp on [-87, 88].
-# x is clamped to [-88, 89] so 2^k stays a valid bit pattern: x <= -87.98 gives k = -127, i.e. 0.0
-# (denormal decays, ~1e-38, are flushed to zero and never slow the recurrence); x >= 88.7 gives
-# k = 128, i.e. +inf, like expf.
+# (truncation 2e-9 < half an ulp). Written out so that LLVM vectorises it across lanes: libm's
+# scalar expf was ~80% of the scan's time. Measured <= 1 ulp on [-87, 88]. x is clamped to
+# [-88, 89] so 2^k stays a valid bit pattern: x <= -87.98 gives k = -127, i.e. 0.0 (denormal
+# decays, ~1e-38, are flushed to zero and never slow the recurrence); x >= 88.7 gives k = 128,
+# i.e. +inf, like expf.
 _EXP_LOG2E = np.float32(1.4426950408889634)
 _EXP_MAGIC = np.float32(12582912.0)  # 1.5 * 2^23: adding then subtracting it rounds to an integer
 _EXP_LN2_HI, _EXP_LN2_LO = np.float32(0.693359375), np.float32(-2.12194440e-4)  # Cody-Waite split
 _EXP_X_MIN, _EXP_X_MAX = np.float32(-88.0), np.float32(89.0)
 _EXP_C = tuple(np.float32(1.0 / math.factorial(i)) for i in range(8))
 _EXP_ONE, _EXP_BIAS, _EXP_MANTISSA_BITS = np.float32(1.0), np.int32(127), np.int32(23)
+_f32_from_bits = None  # rebound to a numba intrinsic: reinterpret an int32 bit pattern as float32
 
 
-def _exp_in_place(values, bits, precise):
-    # values: flat (l * s) block of dt * A, replaced by exp(dt * A); bits: int32 scratch, same size.
-    if precise:  # float64 inputs: libm exp, full double precision (tests, gradcheck)
-        for i in range(values.shape[0]):
-            values[i] = math.exp(values[i])
-        return
-    scale = bits.view(np.float32)
-    for i in range(values.shape[0]):
-        x = values[i]
-        x = _EXP_X_MIN if x < _EXP_X_MIN else x
-        x = _EXP_X_MAX if x > _EXP_X_MAX else x
-        k = (x * _EXP_LOG2E + _EXP_MAGIC) - _EXP_MAGIC
-        r = (x - k * _EXP_LN2_HI) - k * _EXP_LN2_LO
-        p = _EXP_C[7] * r + _EXP_C[6]  # Horner, highest power first
-        p = p * r + _EXP_C[5]
-        p = p * r + _EXP_C[4]
-        p = p * r + _EXP_C[3]
-        p = p * r + _EXP_C[2]
-        p = p * r + _EXP_ONE
-        p = p * r + _EXP_ONE
-        values[i] = p
-        bits[i] = (np.int32(k) + _EXP_BIAS) << _EXP_MANTISSA_BITS  # the float32 bit pattern of 2^k
-    for i in range(values.shape[0]):
-        values[i] = values[i] * scale[i]
+def _exp_f32(x):
+    x = _EXP_X_MIN if x < _EXP_X_MIN else x
+    x = _EXP_X_MAX if x > _EXP_X_MAX else x
+    k = (x * _EXP_LOG2E + _EXP_MAGIC) - _EXP_MAGIC
+    r = (x - k * _EXP_LN2_HI) - k * _EXP_LN2_LO
+    p = _EXP_C[7] * r + _EXP_C[6]  # Horner, highest power first
+    p = p * r + _EXP_C[5]
+    p = p * r + _EXP_C[4]
+    p = p * r + _EXP_C[3]
+    p = p * r + _EXP_C[2]
+    p = p * r + _EXP_ONE
+    p = p * r + _EXP_ONE
+    return p * _f32_from_bits((np.int32(k) + _EXP_BIAS) << _EXP_MANTISSA_BITS)  # p * 2^k
 
 
-def _decays_of_channel(dt, A, bi, ei, decays, bits, precise):
-    # decays: flat (l * s), entry t * s + n = exp(dt[bi, ei, t] * A[ei, n]).
-    length = dt.shape[2]
-    state = A.shape[1]
-    for t in range(length):
-        step = dt[bi, ei, t]
-        for n in range(state):
-            decays[t * state + n] = step * A[ei, n]
-    _exp_in_place_jit(decays, bits, precise)
+def _gather_lanes(source, bi, e0, width, out):
+    # source (b, e, l) -> out (l, _LANES): channels e0 .. e0 + width - 1 of cell bi, time-major.
+    for w in range(width):
+        for t in range(source.shape[2]):
+            out[t, w] = source[bi, e0 + w, t]
 
 
-def _scan_forward_kernel(u, dt, A, Bt, Ct, y, groups, precise):
-    # u, dt, y: (b, e, l); A: (e, s); Bt, Ct: (b, l, s) so each step reads s contiguous values.
-    # Channels are split into `groups` contiguous ranges, one per thread, each with its own
-    # scratch buffers (allocated once per group, reused for every channel in it).
+def _scatter_lanes(lanes, bi, e0, width, target):
+    # lanes (l, _LANES) -> target (b, e, l), the inverse of _gather_lanes for the real lanes.
+    for w in range(width):
+        for t in range(target.shape[2]):
+            target[bi, e0 + w, t] = lanes[t, w]
+
+
+def _load_block(u, dt, A, D, z, has_d, has_z, bi, e0, width, ul, dtl, zl, al, dl):
+    # Zero the padding lanes first: a short last block must compute on finite values.
+    ul[:, :] = 0.0
+    dtl[:, :] = 0.0
+    al[:, :] = 0.0
+    dl[:] = 0.0
+    _gather_lanes_jit(u, bi, e0, width, ul)
+    _gather_lanes_jit(dt, bi, e0, width, dtl)
+    if has_z:
+        zl[:, :] = 0.0
+        _gather_lanes_jit(z, bi, e0, width, zl)
+    for w in range(width):
+        for n in range(A.shape[1]):
+            al[n, w] = A[e0 + w, n]
+        if has_d:
+            dl[w] = D[e0 + w]
+
+
+def _scan_forward_kernel(u, dt, A, Bt, Ct, D, z, has_d, has_z, y, groups):
+    # u, dt, z, y: (b, e, l); A: (e, s); Bt, Ct: (b, l, s) so each step reads s contiguous values;
+    # D: (e,). y = (scan + D u) * silu(z), with the D and z terms only when has_d / has_z.
     batch, channels, length = u.shape
     state = A.shape[1]
-    total = batch * channels
+    blocks_per_cell = (channels + _LANES - 1) // _LANES
+    total = batch * blocks_per_cell
     for group in _prange(groups):
-        decays = np.empty(length * state, dtype=u.dtype)
-        bits = np.empty(length * state, dtype=np.int32)
-        h = np.empty(state, dtype=u.dtype)
-        for channel in range(group * total // groups, (group + 1) * total // groups):
-            bi = channel // channels
-            ei = channel % channels
-            _decays_of_channel_jit(dt, A, bi, ei, decays, bits, precise)
-            h[:] = 0.0
+        # Per-thread scratch, allocated once and reused for every block of the group.
+        ul = np.empty((length, _LANES), dtype=u.dtype)
+        dtl = np.empty((length, _LANES), dtype=u.dtype)
+        zl = np.empty((length, _LANES), dtype=u.dtype)
+        yl = np.empty((length, _LANES), dtype=u.dtype)
+        al = np.empty((state, _LANES), dtype=u.dtype)
+        dl = np.empty(_LANES, dtype=u.dtype)
+        h = np.empty((state, _LANES), dtype=u.dtype)
+        acc = np.empty(_LANES, dtype=u.dtype)
+        drive = np.empty(_LANES, dtype=u.dtype)
+        for block in range(group * total // groups, (group + 1) * total // groups):
+            bi = block // blocks_per_cell
+            e0 = (block % blocks_per_cell) * _LANES
+            width = min(_LANES, channels - e0)
+            _load_block_jit(u, dt, A, D, z, has_d, has_z, bi, e0, width, ul, dtl, zl, al, dl)
+            h[:, :] = 0.0
             for t in range(length):
-                drive = dt[bi, ei, t] * u[bi, ei, t]
-                acc = 0.0
+                for w in range(_LANES):
+                    drive[w] = dtl[t, w] * ul[t, w]
+                    acc[w] = dl[w] * ul[t, w]
                 for n in range(state):
-                    h[n] = decays[t * state + n] * h[n] + drive * Bt[bi, t, n]
-                    acc += h[n] * Ct[bi, t, n]
-                y[bi, ei, t] = acc
+                    b_tn = Bt[bi, t, n]
+                    c_tn = Ct[bi, t, n]
+                    for w in range(_LANES):
+                        h_new = _lane_exp(dtl[t, w] * al[n, w]) * h[n, w] + drive[w] * b_tn
+                        h[n, w] = h_new
+                        acc[w] += h_new * c_tn
+                if has_z:
+                    for w in range(_LANES):
+                        gate = zl[t, w] / (1.0 + _lane_exp(-zl[t, w]))  # silu(z)
+                        acc[w] *= gate
+                for w in range(_LANES):
+                    yl[t, w] = acc[w]
+            _scatter_lanes_jit(yl, bi, e0, width, y)
+
+
+def _lane_sum(work, row):
+    # Sum of work[row, :_LANES] as a fixed pairwise tree: independent adds that LLVM turns into a few
+    # vector shuffles, in an order that does not depend on compiler flags (no fastmath needed).
+    return (
+        ((work[row, 0] + work[row, 8]) + (work[row, 4] + work[row, 12]))
+        + ((work[row, 2] + work[row, 10]) + (work[row, 6] + work[row, 14]))
+    ) + (
+        ((work[row, 1] + work[row, 9]) + (work[row, 5] + work[row, 13]))
+        + ((work[row, 3] + work[row, 11]) + (work[row, 7] + work[row, 15]))
+    )
 
 
 def _scan_backward_kernel(
-    u, dt, A, Bt, Ct, grad_y, grad_u, grad_dt, grad_A_part, grad_Bt_part, grad_Ct_part, precise
+    u, dt, A, Bt, Ct, D, z, has_d, has_z, grad_y,
+    grad_u, grad_dt, grad_z, grad_A_part, grad_D_part, grad_Bt_part, grad_Ct_part,
 ):
-    # Each channel group owns one row of the B/C gradient buffers (the caller sums the rows), so
-    # no two threads write the same element and the result does not depend on scheduling.
+    # Recompute-based backward, one block of _LANES channels at a time: a forward pass stores the
+    # block's states h_t (and the pre-gate output for the z gradient) in per-thread scratch, then a
+    # reverse pass accumulates dL/dh. Each thread owns one row of the B/C gradient buffers (the
+    # caller sums the rows) and its own (b, e) entries of the A/D partials, so no two threads write
+    # the same element and the result does not depend on scheduling.
     batch, channels, length = u.shape
     state = A.shape[1]
     groups = grad_Bt_part.shape[0]
-    total = batch * channels
+    blocks_per_cell = (channels + _LANES - 1) // _LANES
+    total = batch * blocks_per_cell
     for group in _prange(groups):
-        decays = np.empty(length * state, dtype=u.dtype)
-        bits = np.empty(length * state, dtype=np.int32)
-        # Row 0 of states is h_{-1} = 0, row t + 1 is h_t: one (l + 1, s) buffer per thread.
-        states = np.zeros((length + 1, state), dtype=u.dtype)
-        grad_h = np.empty(state, dtype=u.dtype)
-        grad_a = np.empty(state, dtype=np.float64)
-        for channel in range(group * total // groups, (group + 1) * total // groups):
-            bi = channel // channels
-            ei = channel % channels
-            _decays_of_channel_jit(dt, A, bi, ei, decays, bits, precise)
+        ul = np.empty((length, _LANES), dtype=u.dtype)
+        dtl = np.empty((length, _LANES), dtype=u.dtype)
+        zl = np.empty((length, _LANES), dtype=u.dtype)
+        gyl = np.empty((length, _LANES), dtype=u.dtype)  # dL/d(scan + D u), after the gate
+        pre = np.empty((length, _LANES), dtype=u.dtype)  # scan + D u, before the gate
+        out_u = np.empty((length, _LANES), dtype=u.dtype)
+        out_dt = np.empty((length, _LANES), dtype=u.dtype)
+        al = np.empty((state, _LANES), dtype=u.dtype)
+        dl = np.empty(_LANES, dtype=u.dtype)
+        # Row 0 of states is h_{-1} = 0, row t + 1 is h_t.
+        states = np.zeros((length + 1, state, _LANES), dtype=u.dtype)
+        # Reverse-pass accumulators, one row each: rows [0, s) decay_{t+1} dL/dh_{t+1} entering step t,
+        # [s, 2s) dL/dA, then sum_n dL/dh_t B_t, dL/d(dt) via dt A, and two lane vectors to be summed.
+        work = np.empty((2 * state + 4, _LANES), dtype=u.dtype)
+        row_b, row_dt, row_lb, row_lc = 2 * state, 2 * state + 1, 2 * state + 2, 2 * state + 3
+        grad_d = np.empty(_LANES, dtype=np.float64)
+        acc = np.empty(_LANES, dtype=u.dtype)
+        drive = np.empty(_LANES, dtype=u.dtype)
+        for block in range(group * total // groups, (group + 1) * total // groups):
+            bi = block // blocks_per_cell
+            e0 = (block % blocks_per_cell) * _LANES
+            width = min(_LANES, channels - e0)
+            _load_block_jit(u, dt, A, D, z, has_d, has_z, bi, e0, width, ul, dtl, zl, al, dl)
+            gyl[:, :] = 0.0
+            _gather_lanes_jit(grad_y, bi, e0, width, gyl)
+            # Forward recomputation.
             for t in range(length):
-                drive = dt[bi, ei, t] * u[bi, ei, t]
+                for w in range(_LANES):
+                    drive[w] = dtl[t, w] * ul[t, w]
+                    acc[w] = dl[w] * ul[t, w]
                 for n in range(state):
-                    states[t + 1, n] = decays[t * state + n] * states[t, n] + drive * Bt[bi, t, n]
-            grad_h[:] = 0.0  # holds decay_{t+1} * dL/dh_{t+1} entering step t
-            grad_a[:] = 0.0
+                    b_tn = Bt[bi, t, n]
+                    c_tn = Ct[bi, t, n]
+                    for w in range(_LANES):
+                        h_new = _lane_exp(dtl[t, w] * al[n, w]) * states[t, n, w] + drive[w] * b_tn
+                        states[t + 1, n, w] = h_new
+                        acc[w] += h_new * c_tn
+                for w in range(_LANES):
+                    pre[t, w] = acc[w]
+            # The gate: y = pre * silu(z); dL/dpre = gy silu(z), dL/dz = gy pre silu'(z).
+            if has_z:
+                for t in range(length):
+                    for w in range(_LANES):
+                        zv = zl[t, w]
+                        sig = 1.0 / (1.0 + _lane_exp(-zv))
+                        gy = gyl[t, w]
+                        zl[t, w] = gy * pre[t, w] * sig * (1.0 + zv * (1.0 - sig))  # zl now holds dL/dz
+                        gyl[t, w] = gy * zv * sig
+                _scatter_lanes_jit(zl, bi, e0, width, grad_z)
+            # Everything the reverse loop writes lives in ONE array (rows below), so LLVM needs only a
+            # few runtime alias checks and vectorises the lane loop; with one array per quantity it
+            # gave up and ran it scalar (2x slower than the whole previous kernel).
+            work[:, :] = 0.0
+            grad_d[:] = 0.0
             for t in range(length - 1, -1, -1):
-                gy = grad_y[bi, ei, t]
-                step = dt[bi, ei, t]
-                x = u[bi, ei, t]
-                drive = step * x
-                acc_u = 0.0
-                acc_dt = 0.0
+                for w in range(_LANES):
+                    drive[w] = dtl[t, w] * ul[t, w]
+                    work[row_b, w] = 0.0
+                    work[row_dt, w] = 0.0
+                    grad_d[w] += gyl[t, w] * ul[t, w]
                 for n in range(state):
-                    decay = decays[t * state + n]
-                    g = grad_h[n] + gy * Ct[bi, t, n]
-                    grad_Ct_part[group, bi, t, n] += gy * states[t + 1, n]
-                    grad_Bt_part[group, bi, t, n] += g * drive
-                    g_dta = g * states[t, n] * decay  # dL/d(dt A) at (t, n)
-                    grad_a[n] += g_dta * step
-                    acc_dt += g_dta * A[ei, n]
-                    acc_u += g * Bt[bi, t, n]
-                    grad_h[n] = g * decay
-                grad_u[bi, ei, t] = acc_u * step
-                grad_dt[bi, ei, t] = acc_dt + acc_u * x
-            for n in range(state):
-                grad_A_part[bi, ei, n] = grad_a[n]
+                    b_tn = Bt[bi, t, n]
+                    c_tn = Ct[bi, t, n]
+                    for w in range(_LANES):
+                        decay = _lane_exp(dtl[t, w] * al[n, w])
+                        g = work[n, w] + gyl[t, w] * c_tn  # dL/dh_t
+                        work[row_lc, w] = gyl[t, w] * states[t + 1, n, w]
+                        work[row_lb, w] = g * drive[w]
+                        g_dta = g * states[t, n, w] * decay  # dL/d(dt A) at (t, n)
+                        work[state + n, w] += g_dta * dtl[t, w]
+                        work[row_dt, w] += g_dta * al[n, w]
+                        work[row_b, w] += g * b_tn
+                        work[n, w] = g * decay
+                    grad_Ct_part[group, bi, t, n] += _lane_sum_jit(work, row_lc)
+                    grad_Bt_part[group, bi, t, n] += _lane_sum_jit(work, row_lb)
+                for w in range(_LANES):
+                    # u enters through the drive dt u B and the skip D u; dt through dt A and the drive.
+                    out_u[t, w] = work[row_b, w] * dtl[t, w] + dl[w] * gyl[t, w]
+                    out_dt[t, w] = work[row_dt, w] + work[row_b, w] * ul[t, w]
+            _scatter_lanes_jit(out_u, bi, e0, width, grad_u)
+            _scatter_lanes_jit(out_dt, bi, e0, width, grad_dt)
+            for w in range(width):
+                for n in range(state):
+                    grad_A_part[bi, e0 + w, n] = work[state + n, w]
+                grad_D_part[bi, e0 + w] = grad_d[w]
+
+
+def _lane_exp(x):
+    """exp(x) inside the numba kernels: the fast polynomial for float32, libm for float64 (numba overload)."""
+    return math.exp(x)
+
+
+_gather_lanes_jit = _scatter_lanes_jit = _load_block_jit = _lane_sum_jit = None
 
 
 def _build_numba_kernels():
     """Compile-ready numba dispatchers (numba compiles them at their first call, or loads its cache)."""
-    global _prange, _exp_in_place_jit, _decays_of_channel_jit
     import numba
+    from llvmlite import ir
+    from numba.core import types
+    from numba.extending import intrinsic, overload
     from numba.np.ufunc import parallel as numba_parallel
+
+    global _prange, _f32_from_bits
 
     if "NUMBA_THREADING_LAYER" not in os.environ and not numba_parallel._is_initialized:
         # numba's default OpenMP layer leaves its worker threads spinning after each parallel call;
@@ -424,13 +537,39 @@ def _build_numba_kernels():
         # workqueue layer has no such spin; it is not re-entrant, so kernel calls hold a lock.
         numba.config.THREADING_LAYER = "workqueue"
 
+    @intrinsic
+    def f32_from_bits(typingctx, bits):
+        # A bit-level reinterpretation (LLVM bitcast): free, and vectorisable, unlike ndarray.view.
+        if not isinstance(bits, types.Integer):
+            return None
+
+        def codegen(context, builder, signature, args):
+            value = args[0]
+            if bits.bitwidth != 32:
+                value = builder.trunc(value, ir.IntType(32)) if bits.bitwidth > 32 else builder.sext(value, ir.IntType(32))
+            return builder.bitcast(value, ir.FloatType())
+
+        return types.float32(bits), codegen
+
+    _f32_from_bits = f32_from_bits
+    _prange = numba.prange
+
+    @overload(_lane_exp)
+    def lane_exp_overload(x):
+        if x == types.float32:
+            return _exp_f32
+        if isinstance(x, types.Float):
+            return lambda x: math.exp(x)  # float64: full precision for tests and gradcheck
+        return None
+
     def compile_all(cache: bool):
-        global _prange, _exp_in_place_jit, _decays_of_channel_jit
+        global _gather_lanes_jit, _scatter_lanes_jit, _load_block_jit, _lane_sum_jit
         helper = dict(fastmath=False, cache=cache, inline="always")
         kernel = dict(parallel=True, fastmath=False, cache=cache, nogil=True)
-        _prange = numba.prange
-        _exp_in_place_jit = numba.njit(**helper)(_exp_in_place)
-        _decays_of_channel_jit = numba.njit(**helper)(_decays_of_channel)
+        _gather_lanes_jit = numba.njit(**helper)(_gather_lanes)
+        _scatter_lanes_jit = numba.njit(**helper)(_scatter_lanes)
+        _load_block_jit = numba.njit(**helper)(_load_block)
+        _lane_sum_jit = numba.njit(**helper)(_lane_sum)
         return numba.njit(**kernel)(_scan_forward_kernel), numba.njit(**kernel)(_scan_backward_kernel)
 
     try:
@@ -472,46 +611,62 @@ def _numba_to_numpy(tensor: torch.Tensor) -> np.ndarray:
 
 
 class _NumbaScanFn(torch.autograd.Function):
-    """Core recurrence on CPU via numba; inputs already in compute dtype (float32 or float64)."""
+    """y = (scan(u, dt, A, B, C) + D u) * silu(z) on CPU via numba; inputs already in compute dtype.
+
+    D and z may be None (no skip term / no gate); the skip and the gate are fused into the kernels,
+    so the (b, e, l) intermediates they would need as separate torch ops are never written.
+    """
 
     @staticmethod
-    def forward(ctx, u, dt, A, B, C):
+    def forward(ctx, u, dt, A, B, C, D, z):
         forward_kernel, _ = _get_numba_kernels()
         _set_numba_threads()
         u_c, dt_c, A_c = u.contiguous(), dt.contiguous(), A.contiguous()
         Bt = B.transpose(1, 2).contiguous()  # (b, s, l) -> (b, l, s)
         Ct = C.transpose(1, 2).contiguous()  # (b, s, l) -> (b, l, s)
+        D_c = D.contiguous() if D is not None else u.new_zeros(1)  # placeholders keep one kernel signature
+        z_c = z.contiguous() if z is not None else u.new_zeros(1, 1, 1)
         y = torch.empty_like(u_c)
-        batch, channels, _ = u.shape
-        groups = max(1, min(torch.get_num_threads(), batch * channels))
-        arrays = [_numba_to_numpy(t) for t in (u_c, dt_c, A_c, Bt, Ct)] + [y.numpy()]
+        groups = _numba_groups(u)
+        arrays = [_numba_to_numpy(t) for t in (u_c, dt_c, A_c, Bt, Ct, D_c, z_c)]
         with _NUMBA_CALL_LOCK:
-            forward_kernel(*arrays, groups, u.dtype == torch.float64)
-        ctx.save_for_backward(u_c, dt_c, A_c, Bt, Ct)
+            forward_kernel(*arrays, D is not None, z is not None, y.numpy(), groups)
+        ctx.has_d, ctx.has_z = D is not None, z is not None
+        ctx.save_for_backward(u_c, dt_c, A_c, Bt, Ct, D_c, z_c)
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
         _, backward_kernel = _get_numba_kernels()
         _set_numba_threads()
-        u, dt, A, Bt, Ct = ctx.saved_tensors
+        u, dt, A, Bt, Ct, D, z = ctx.saved_tensors
         batch, channels, length = u.shape
         state = A.shape[1]
-        groups = max(1, min(torch.get_num_threads(), batch * channels))
+        groups = _numba_groups(u)
         grad_y = grad_y.to(u.dtype).contiguous()
         grad_u = torch.empty_like(u)
         grad_dt = torch.empty_like(dt)
+        grad_z = torch.empty_like(u) if ctx.has_z else u.new_zeros(1, 1, 1)
         grad_A_part = u.new_empty(batch, channels, state)
+        grad_D_part = u.new_empty(batch, channels)
         grad_Bt_part = u.new_zeros(groups, batch, length, state)
         grad_Ct_part = u.new_zeros(groups, batch, length, state)
-        inputs = [_numba_to_numpy(t) for t in (u, dt, A, Bt, Ct, grad_y)]
-        outputs = [t.numpy() for t in (grad_u, grad_dt, grad_A_part, grad_Bt_part, grad_Ct_part)]
+        inputs = [_numba_to_numpy(t) for t in (u, dt, A, Bt, Ct, D, z)]
+        outputs = [t.numpy() for t in (grad_u, grad_dt, grad_z, grad_A_part, grad_D_part, grad_Bt_part, grad_Ct_part)]
         with _NUMBA_CALL_LOCK:
-            backward_kernel(*inputs, *outputs, u.dtype == torch.float64)
+            backward_kernel(*inputs, ctx.has_d, ctx.has_z, _numba_to_numpy(grad_y), *outputs)
         grad_A = grad_A_part.sum(0)  # (b, e, s) -> (e, s)
         grad_B = grad_Bt_part.sum(0).transpose(1, 2)  # (groups, b, l, s) -> (b, s, l)
         grad_C = grad_Ct_part.sum(0).transpose(1, 2)  # (groups, b, l, s) -> (b, s, l)
-        return grad_u, grad_dt, grad_A, grad_B, grad_C
+        grad_D = grad_D_part.sum(0) if ctx.has_d else None  # (b, e) -> (e,)
+        return grad_u, grad_dt, grad_A, grad_B, grad_C, grad_D, grad_z if ctx.has_z else None
+
+
+def _numba_groups(u: torch.Tensor) -> int:
+    """One group of channel blocks per thread, never more groups than blocks."""
+    batch, channels, _ = u.shape
+    blocks = batch * ((channels + _LANES - 1) // _LANES)
+    return max(1, min(torch.get_num_threads(), blocks))
 
 
 def _numba_usable() -> bool:
@@ -534,17 +689,18 @@ def _numba_usable() -> bool:
     return True
 
 
-def _run_numba(u, dt, A, B, C):
+def _run_numba(u, dt, A, B, C, D, z):
+    """(scan + D u) * silu(z) via numba, or via the torch backend if numba fails at its first compile."""
     from numba.core.errors import NumbaError
 
     global _NUMBA_FAILED
     try:
-        return _NumbaScanFn.apply(u, dt, A, B, C)
+        return _NumbaScanFn.apply(u, dt, A, B, C, D, z)
     except (NumbaError, OSError) as error:
         # Compilation happens at the first call; a failure there must not break the model.
         _NUMBA_FAILED = True
         logger.warning("numba selective scan failed to compile (%s); falling back to the torch backend.", error)
-        return _TorchScanFn.apply(u, dt, A, B, C)
+        return _finish_output(_TorchScanFn.apply(u, dt, A, B, C), u, D, z, u.dtype, u.dtype)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -665,7 +821,8 @@ def selective_scan(
     dt = _discretise_dt(delta, delta_bias, delta_softplus, dtype)  # (b, e, l)
     core_args = (u.to(dtype), dt, A.to(dtype), B.to(dtype), C.to(dtype))
     if chosen == "numba" and _numba_usable():
-        y_core = _run_numba(*core_args)
-    else:
-        y_core = _TorchScanFn.apply(*core_args)
+        D_c = D.to(dtype) if D is not None else None
+        z_c = z.to(dtype) if z is not None else None
+        return _run_numba(*core_args, D_c, z_c).to(u.dtype)  # skip term and gate fused in the kernel
+    y_core = _TorchScanFn.apply(*core_args)
     return _finish_output(y_core, u, D, z, dtype, u.dtype)
