@@ -18,8 +18,9 @@ This is the contract of ``mamba_ssm.ops.selective_scan_interface.selective_scan_
 Backends (``backend=``):
 
 * ``"kernel"``    -- the fused CUDA kernel from ``mamba_ssm`` (CUDA tensors only).
-* ``"numba"``     -- a CPU scan compiled with numba, parallel over channels, with a hand-written
-  backward that recomputes each channel's states into a small per-thread buffer.
+* ``"numba"``     -- a CPU scan compiled with numba: blocks of 16 channels run as 16-wide vector
+  lanes, blocks in parallel over threads; the discretisation (bias + softplus), the skip term and the
+  gate are fused in; a hand-written backward recomputes each block's states into a per-thread buffer.
 * ``"torch"``     -- a sequential pure-PyTorch scan vectorised over (b, e, s), with a hand-written
   backward that keeps one state per chunk of ``k`` steps and recomputes each chunk in reverse.
   Works on any device; it is the fallback when numba or mamba_ssm are unavailable.
@@ -27,8 +28,9 @@ Backends (``backend=``):
 * ``"auto"``      -- kernel on CUDA when mamba_ssm imports, numba on CPU when it works (and
   ``PANFOMA_DISABLE_NUMBA`` is not ``"1"``), else torch.
 
-Only the core recurrence (``dt`` already discretised, no ``D``/``z``) is hand-differentiated; the
-bias, softplus, skip term and gate are plain torch ops around it so autograd handles them.
+The numba backend differentiates everything by hand (checked against ``"reference"`` in the tests).
+The torch backend hand-differentiates only the core recurrence (``dt`` already discretised, no
+``D``/``z``); the bias, softplus, skip term and gate are plain torch ops around it for autograd.
 
 This file ships as transformers remote code next to ``modeling_panfoma.py``: it imports only
 torch, numpy and the standard library at module level; numba and mamba_ssm are imported lazily.
@@ -305,12 +307,12 @@ _EXP_LN2_HI, _EXP_LN2_LO = np.float32(0.693359375), np.float32(-2.12194440e-4)  
 _EXP_X_MIN, _EXP_X_MAX = np.float32(-88.0), np.float32(89.0)
 _EXP_C = tuple(np.float32(1.0 / math.factorial(i)) for i in range(8))
 _EXP_ONE, _EXP_BIAS, _EXP_MANTISSA_BITS = np.float32(1.0), np.int32(127), np.int32(23)
+_ONE = _EXP_ONE  # float32 constants keep float32 kernels in float32 (a float64 literal would promote)
 _f32_from_bits = None  # rebound to a numba intrinsic: reinterpret an int32 bit pattern as float32
 
 
 def _exp_f32(x):
-    x = _EXP_X_MIN if x < _EXP_X_MIN else x
-    x = _EXP_X_MAX if x > _EXP_X_MAX else x
+    x = min(max(x, _EXP_X_MIN), _EXP_X_MAX)
     k = (x * _EXP_LOG2E + _EXP_MAGIC) - _EXP_MAGIC
     r = (x - k * _EXP_LN2_HI) - k * _EXP_LN2_LO
     p = _EXP_C[7] * r + _EXP_C[6]  # Horner, highest power first
@@ -321,6 +323,33 @@ def _exp_f32(x):
     p = p * r + _EXP_ONE
     p = p * r + _EXP_ONE
     return p * _f32_from_bits((np.int32(k) + _EXP_BIAS) << _EXP_MANTISSA_BITS)  # p * 2^k
+
+
+# softplus(v) = max(v, 0) + log1p(exp(-|v|)), and v itself above 20 (torch's threshold). With
+# y = exp(-|v|) in (0, 1], log1p(y) = 2 atanh(s), s = y / (2 + y) in (0, 1/3]: the odd series up to
+# s^15 / 15 leaves < 1e-9 relative truncation, so the float32 result is within a few ulp.
+_SOFTPLUS_THRESHOLD = np.float32(20.0)
+_ATANH_C = tuple(np.float32(1.0 / (2 * i + 1)) for i in range(8))
+_ZERO, _TWO = np.float32(0.0), np.float32(2.0)
+
+
+def _softplus_f32(v):
+    y = _lane_exp(-abs(v))
+    s = y / (_TWO + y)
+    s2 = s * s
+    q = _ATANH_C[7] * s2 + _ATANH_C[6]  # Horner in s^2, highest power first
+    q = q * s2 + _ATANH_C[5]
+    q = q * s2 + _ATANH_C[4]
+    q = q * s2 + _ATANH_C[3]
+    q = q * s2 + _ATANH_C[2]
+    q = q * s2 + _ATANH_C[1]
+    q = q * s2 + _ATANH_C[0]
+    result = max(v, _ZERO) + _TWO * s * q
+    return v if v > _SOFTPLUS_THRESHOLD else result
+
+
+def _softplus_f64(v):
+    return v if v > 20.0 else math.log1p(math.exp(v))
 
 
 def _gather_lanes(source, bi, e0, width, out):
@@ -337,14 +366,27 @@ def _scatter_lanes(lanes, bi, e0, width, target):
             target[bi, e0 + w, t] = lanes[t, w]
 
 
-def _load_block(u, dt, A, D, z, has_d, has_z, bi, e0, width, ul, dtl, zl, al, dl):
+def _load_block(u, delta, A, D, z, bias, flags, bi, e0, width, ul, vl, dtl, zl, al, dl):
+    # Gathers one block's inputs into lanes: vl = delta + bias (before the softplus), dtl = the
+    # discretisation step. vl and dtl may be the same array (the forward kernel needs no vl).
     # Zero the padding lanes first: a short last block must compute on finite values.
+    has_d, has_z, has_bias, softplus = flags[0], flags[1], flags[2], flags[3]
     ul[:, :] = 0.0
-    dtl[:, :] = 0.0
+    vl[:, :] = 0.0
     al[:, :] = 0.0
     dl[:] = 0.0
     _gather_lanes_jit(u, bi, e0, width, ul)
-    _gather_lanes_jit(dt, bi, e0, width, dtl)
+    _gather_lanes_jit(delta, bi, e0, width, vl)
+    if has_bias:
+        for w in range(width):
+            dl[w] = bias[e0 + w]  # dl as scratch for the bias; overwritten with D below
+        for t in range(vl.shape[0]):
+            for w in range(_LANES):
+                vl[t, w] += dl[w]
+        dl[:] = 0.0
+    for t in range(vl.shape[0]):
+        for w in range(_LANES):
+            dtl[t, w] = _lane_softplus(vl[t, w]) if softplus else vl[t, w]
     if has_z:
         zl[:, :] = 0.0
         _gather_lanes_jit(z, bi, e0, width, zl)
@@ -355,9 +397,11 @@ def _load_block(u, dt, A, D, z, has_d, has_z, bi, e0, width, ul, dtl, zl, al, dl
             dl[w] = D[e0 + w]
 
 
-def _scan_forward_kernel(u, dt, A, Bt, Ct, D, z, has_d, has_z, y, groups):
-    # u, dt, z, y: (b, e, l); A: (e, s); Bt, Ct: (b, l, s) so each step reads s contiguous values;
-    # D: (e,). y = (scan + D u) * silu(z), with the D and z terms only when has_d / has_z.
+def _scan_forward_kernel(u, delta, A, Bt, Ct, D, z, bias, flags, y, groups):
+    # u, delta, z, y: (b, e, l); A: (e, s); Bt, Ct: (b, l, s) so each step reads s contiguous values;
+    # D, bias: (e,); flags: (has_d, has_z, has_bias, softplus). dt = softplus(delta + bias) and
+    # y = (scan + D u) * silu(z), each term only when its flag is set.
+    has_z = flags[1]
     batch, channels, length = u.shape
     state = A.shape[1]
     blocks_per_cell = (channels + _LANES - 1) // _LANES
@@ -377,7 +421,7 @@ def _scan_forward_kernel(u, dt, A, Bt, Ct, D, z, has_d, has_z, y, groups):
             bi = block // blocks_per_cell
             e0 = (block % blocks_per_cell) * _LANES
             width = min(_LANES, channels - e0)
-            _load_block_jit(u, dt, A, D, z, has_d, has_z, bi, e0, width, ul, dtl, zl, al, dl)
+            _load_block_jit(u, delta, A, D, z, bias, flags, bi, e0, width, ul, dtl, dtl, zl, al, dl)
             h[:, :] = 0.0
             for t in range(length):
                 for w in range(_LANES):
@@ -390,12 +434,12 @@ def _scan_forward_kernel(u, dt, A, Bt, Ct, D, z, has_d, has_z, y, groups):
                         h_new = _lane_exp(dtl[t, w] * al[n, w]) * h[n, w] + drive[w] * b_tn
                         h[n, w] = h_new
                         acc[w] += h_new * c_tn
-                if has_z:
-                    for w in range(_LANES):
-                        gate = zl[t, w] / (1.0 + _lane_exp(-zl[t, w]))  # silu(z)
-                        acc[w] *= gate
                 for w in range(_LANES):
                     yl[t, w] = acc[w]
+            if has_z:  # a separate pass: inside the time loop it cost ~30% of the kernel
+                for t in range(length):
+                    for w in range(_LANES):
+                        yl[t, w] *= zl[t, w] / (_ONE + _lane_exp(-zl[t, w]))  # silu(z)
             _scatter_lanes_jit(yl, bi, e0, width, y)
 
 
@@ -412,14 +456,15 @@ def _lane_sum(work, row):
 
 
 def _scan_backward_kernel(
-    u, dt, A, Bt, Ct, D, z, has_d, has_z, grad_y,
-    grad_u, grad_dt, grad_z, grad_A_part, grad_D_part, grad_Bt_part, grad_Ct_part,
+    u, delta, A, Bt, Ct, D, z, bias, flags, grad_y,
+    grad_u, grad_delta, grad_z, grad_A_part, grad_D_part, grad_bias_part, grad_Bt_part, grad_Ct_part,
 ):
     # Recompute-based backward, one block of _LANES channels at a time: a forward pass stores the
     # block's states h_t (and the pre-gate output for the z gradient) in per-thread scratch, then a
     # reverse pass accumulates dL/dh. Each thread owns one row of the B/C gradient buffers (the
     # caller sums the rows) and its own (b, e) entries of the A/D partials, so no two threads write
     # the same element and the result does not depend on scheduling.
+    has_z, softplus = flags[1], flags[3]
     batch, channels, length = u.shape
     state = A.shape[1]
     groups = grad_Bt_part.shape[0]
@@ -427,6 +472,7 @@ def _scan_backward_kernel(
     total = batch * blocks_per_cell
     for group in _prange(groups):
         ul = np.empty((length, _LANES), dtype=u.dtype)
+        vl = np.empty((length, _LANES), dtype=u.dtype)
         dtl = np.empty((length, _LANES), dtype=u.dtype)
         zl = np.empty((length, _LANES), dtype=u.dtype)
         gyl = np.empty((length, _LANES), dtype=u.dtype)  # dL/d(scan + D u), after the gate
@@ -442,13 +488,14 @@ def _scan_backward_kernel(
         work = np.empty((2 * state + 4, _LANES), dtype=u.dtype)
         row_b, row_dt, row_lb, row_lc = 2 * state, 2 * state + 1, 2 * state + 2, 2 * state + 3
         grad_d = np.empty(_LANES, dtype=np.float64)
+        grad_bias = np.empty(_LANES, dtype=np.float64)
         acc = np.empty(_LANES, dtype=u.dtype)
         drive = np.empty(_LANES, dtype=u.dtype)
         for block in range(group * total // groups, (group + 1) * total // groups):
             bi = block // blocks_per_cell
             e0 = (block % blocks_per_cell) * _LANES
             width = min(_LANES, channels - e0)
-            _load_block_jit(u, dt, A, D, z, has_d, has_z, bi, e0, width, ul, dtl, zl, al, dl)
+            _load_block_jit(u, delta, A, D, z, bias, flags, bi, e0, width, ul, vl, dtl, zl, al, dl)
             gyl[:, :] = 0.0
             _gather_lanes_jit(grad_y, bi, e0, width, gyl)
             # Forward recomputation.
@@ -470,9 +517,9 @@ def _scan_backward_kernel(
                 for t in range(length):
                     for w in range(_LANES):
                         zv = zl[t, w]
-                        sig = 1.0 / (1.0 + _lane_exp(-zv))
+                        sig = _ONE / (_ONE + _lane_exp(-zv))
                         gy = gyl[t, w]
-                        zl[t, w] = gy * pre[t, w] * sig * (1.0 + zv * (1.0 - sig))  # zl now holds dL/dz
+                        zl[t, w] = gy * pre[t, w] * sig * (_ONE + zv * (_ONE - sig))  # zl now holds dL/dz
                         gyl[t, w] = gy * zv * sig
                 _scatter_lanes_jit(zl, bi, e0, width, grad_z)
             # Everything the reverse loop writes lives in ONE array (rows below), so LLVM needs only a
@@ -505,17 +552,33 @@ def _scan_backward_kernel(
                     # u enters through the drive dt u B and the skip D u; dt through dt A and the drive.
                     out_u[t, w] = work[row_b, w] * dtl[t, w] + dl[w] * gyl[t, w]
                     out_dt[t, w] = work[row_dt, w] + work[row_b, w] * ul[t, w]
+            # Through the softplus: d softplus(v) / dv = sigmoid(v), exactly 1 above the threshold.
+            grad_bias[:] = 0.0
+            for t in range(length):
+                for w in range(_LANES):
+                    v = vl[t, w]
+                    slope = _ONE / (_ONE + _lane_exp(-v))
+                    if not softplus or v > _SOFTPLUS_THRESHOLD:
+                        slope = _ONE
+                    out_dt[t, w] *= slope
+                    grad_bias[w] += out_dt[t, w]
             _scatter_lanes_jit(out_u, bi, e0, width, grad_u)
-            _scatter_lanes_jit(out_dt, bi, e0, width, grad_dt)
+            _scatter_lanes_jit(out_dt, bi, e0, width, grad_delta)
             for w in range(width):
                 for n in range(state):
                     grad_A_part[bi, e0 + w, n] = work[state + n, w]
                 grad_D_part[bi, e0 + w] = grad_d[w]
+                grad_bias_part[bi, e0 + w] = grad_bias[w]
 
 
 def _lane_exp(x):
     """exp(x) inside the numba kernels: the fast polynomial for float32, libm for float64 (numba overload)."""
     return math.exp(x)
+
+
+def _lane_softplus(v):
+    """softplus(v) inside the numba kernels, same split as `_lane_exp` (numba overload)."""
+    return _softplus_f64(v)
 
 
 _gather_lanes_jit = _scatter_lanes_jit = _load_block_jit = _lane_sum_jit = None
@@ -554,12 +617,20 @@ def _build_numba_kernels():
     _f32_from_bits = f32_from_bits
     _prange = numba.prange
 
-    @overload(_lane_exp)
+    @overload(_lane_exp, inline="always")  # numba-level inlining: LLVM then vectorises the lane loops
     def lane_exp_overload(x):
         if x == types.float32:
             return _exp_f32
         if isinstance(x, types.Float):
             return lambda x: math.exp(x)  # float64: full precision for tests and gradcheck
+        return None
+
+    @overload(_lane_softplus, inline="always")
+    def lane_softplus_overload(v):
+        if v == types.float32:
+            return _softplus_f32
+        if isinstance(v, types.Float):
+            return _softplus_f64
         return None
 
     def compile_all(cache: bool):
@@ -611,55 +682,64 @@ def _numba_to_numpy(tensor: torch.Tensor) -> np.ndarray:
 
 
 class _NumbaScanFn(torch.autograd.Function):
-    """y = (scan(u, dt, A, B, C) + D u) * silu(z) on CPU via numba; inputs already in compute dtype.
+    """y = (scan(u, softplus(delta + bias), A, B, C) + D u) * silu(z) on CPU via numba.
 
-    D and z may be None (no skip term / no gate); the skip and the gate are fused into the kernels,
-    so the (b, e, l) intermediates they would need as separate torch ops are never written.
+    Inputs already in compute dtype. D, z and bias may be None and the softplus is optional; the
+    discretisation, skip term and gate are fused into the kernels, so the (b, e, l) intermediates
+    they would need as separate torch ops are never written.
     """
 
     @staticmethod
-    def forward(ctx, u, dt, A, B, C, D, z):
+    def forward(ctx, u, delta, A, B, C, D, z, bias, softplus):
         forward_kernel, _ = _get_numba_kernels()
         _set_numba_threads()
-        u_c, dt_c, A_c = u.contiguous(), dt.contiguous(), A.contiguous()
+        flags = (D is not None, z is not None, bias is not None, bool(softplus))
+        u_c, delta_c, A_c = u.contiguous(), delta.contiguous(), A.contiguous()
         Bt = B.transpose(1, 2).contiguous()  # (b, s, l) -> (b, l, s)
         Ct = C.transpose(1, 2).contiguous()  # (b, s, l) -> (b, l, s)
-        D_c = D.contiguous() if D is not None else u.new_zeros(1)  # placeholders keep one kernel signature
+        # Placeholders keep one kernel signature when an optional input is absent.
+        D_c = D.contiguous() if D is not None else u.new_zeros(1)
         z_c = z.contiguous() if z is not None else u.new_zeros(1, 1, 1)
+        bias_c = bias.contiguous() if bias is not None else u.new_zeros(1)
         y = torch.empty_like(u_c)
-        groups = _numba_groups(u)
-        arrays = [_numba_to_numpy(t) for t in (u_c, dt_c, A_c, Bt, Ct, D_c, z_c)]
+        arrays = [_numba_to_numpy(t) for t in (u_c, delta_c, A_c, Bt, Ct, D_c, z_c, bias_c)]
         with _NUMBA_CALL_LOCK:
-            forward_kernel(*arrays, D is not None, z is not None, y.numpy(), groups)
-        ctx.has_d, ctx.has_z = D is not None, z is not None
-        ctx.save_for_backward(u_c, dt_c, A_c, Bt, Ct, D_c, z_c)
+            forward_kernel(*arrays, flags, y.numpy(), _numba_groups(u))
+        ctx.flags = flags
+        ctx.save_for_backward(u_c, delta_c, A_c, Bt, Ct, D_c, z_c, bias_c)
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
         _, backward_kernel = _get_numba_kernels()
         _set_numba_threads()
-        u, dt, A, Bt, Ct, D, z = ctx.saved_tensors
+        u, delta, A, Bt, Ct, D, z, bias = ctx.saved_tensors
+        has_d, has_z, has_bias, _ = ctx.flags
         batch, channels, length = u.shape
         state = A.shape[1]
         groups = _numba_groups(u)
         grad_y = grad_y.to(u.dtype).contiguous()
         grad_u = torch.empty_like(u)
-        grad_dt = torch.empty_like(dt)
-        grad_z = torch.empty_like(u) if ctx.has_z else u.new_zeros(1, 1, 1)
+        grad_delta = torch.empty_like(delta)
+        grad_z = torch.empty_like(u) if has_z else u.new_zeros(1, 1, 1)
         grad_A_part = u.new_empty(batch, channels, state)
         grad_D_part = u.new_empty(batch, channels)
+        grad_bias_part = u.new_empty(batch, channels)
         grad_Bt_part = u.new_zeros(groups, batch, length, state)
         grad_Ct_part = u.new_zeros(groups, batch, length, state)
-        inputs = [_numba_to_numpy(t) for t in (u, dt, A, Bt, Ct, D, z)]
-        outputs = [t.numpy() for t in (grad_u, grad_dt, grad_z, grad_A_part, grad_D_part, grad_Bt_part, grad_Ct_part)]
+        inputs = [_numba_to_numpy(t) for t in (u, delta, A, Bt, Ct, D, z, bias)]
+        outputs = [
+            t.numpy()
+            for t in (grad_u, grad_delta, grad_z, grad_A_part, grad_D_part, grad_bias_part, grad_Bt_part, grad_Ct_part)
+        ]
         with _NUMBA_CALL_LOCK:
-            backward_kernel(*inputs, ctx.has_d, ctx.has_z, _numba_to_numpy(grad_y), *outputs)
+            backward_kernel(*inputs, ctx.flags, _numba_to_numpy(grad_y), *outputs)
         grad_A = grad_A_part.sum(0)  # (b, e, s) -> (e, s)
         grad_B = grad_Bt_part.sum(0).transpose(1, 2)  # (groups, b, l, s) -> (b, s, l)
         grad_C = grad_Ct_part.sum(0).transpose(1, 2)  # (groups, b, l, s) -> (b, s, l)
-        grad_D = grad_D_part.sum(0) if ctx.has_d else None  # (b, e) -> (e,)
-        return grad_u, grad_dt, grad_A, grad_B, grad_C, grad_D, grad_z if ctx.has_z else None
+        grad_D = grad_D_part.sum(0) if has_d else None  # (b, e) -> (e,)
+        grad_bias = grad_bias_part.sum(0) if has_bias else None  # (b, e) -> (e,)
+        return grad_u, grad_delta, grad_A, grad_B, grad_C, grad_D, grad_z if has_z else None, grad_bias, None
 
 
 def _numba_groups(u: torch.Tensor) -> int:
@@ -689,17 +769,18 @@ def _numba_usable() -> bool:
     return True
 
 
-def _run_numba(u, dt, A, B, C, D, z):
-    """(scan + D u) * silu(z) via numba, or via the torch backend if numba fails at its first compile."""
+def _run_numba(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+    """The whole scan via numba, or via the torch backend if numba fails at its first compile."""
     from numba.core.errors import NumbaError
 
     global _NUMBA_FAILED
     try:
-        return _NumbaScanFn.apply(u, dt, A, B, C, D, z)
+        return _NumbaScanFn.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
     except (NumbaError, OSError) as error:
         # Compilation happens at the first call; a failure there must not break the model.
         _NUMBA_FAILED = True
         logger.warning("numba selective scan failed to compile (%s); falling back to the torch backend.", error)
+        dt = _discretise_dt(delta, delta_bias, delta_softplus, u.dtype)
         return _finish_output(_TorchScanFn.apply(u, dt, A, B, C), u, D, z, u.dtype, u.dtype)
 
 
@@ -818,11 +899,12 @@ def selective_scan(
         )
 
     dtype = _compute_dtype(u)
+    if chosen == "numba" and _numba_usable():
+        # Discretisation, skip term and gate are fused into the kernels.
+        optional = [t.to(dtype) if t is not None else None for t in (D, z, delta_bias)]
+        y = _run_numba(u.to(dtype), delta.to(dtype), A.to(dtype), B.to(dtype), C.to(dtype), *optional, delta_softplus)
+        return y.to(u.dtype)
     dt = _discretise_dt(delta, delta_bias, delta_softplus, dtype)  # (b, e, l)
     core_args = (u.to(dtype), dt, A.to(dtype), B.to(dtype), C.to(dtype))
-    if chosen == "numba" and _numba_usable():
-        D_c = D.to(dtype) if D is not None else None
-        z_c = z.to(dtype) if z is not None else None
-        return _run_numba(*core_args, D_c, z_c).to(u.dtype)  # skip term and gate fused in the kernel
     y_core = _TorchScanFn.apply(*core_args)
     return _finish_output(y_core, u, D, z, dtype, u.dtype)

@@ -208,6 +208,24 @@ def test_extreme_decays_match_reference(backend):
     torch.testing.assert_close(y[finite], y_ref[finite], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_softplus_range_matches_reference(backend):
+    """delta + bias from -90 to 60, across torch's softplus threshold (20) where the numba kernel switches
+    formula: values and gradients (the slope is sigmoid below the threshold, exactly 1 above) agree."""
+    length = 64
+    inputs = make_inputs(1, 5, length, 4, seed=21)
+    inputs["delta"] = torch.linspace(-90.0, 60.0, 5 * length).view(1, 5, length)
+    inputs["delta"][0, 2, :6] = torch.tensor([19.999, 20.0, 20.001, -0.0, 1e-7, -1e-7])
+    inputs["A"] = -torch.rand(5, 4) * 0.05  # dt up to 60: keep dt A moderate so the state stays finite
+    grad_out = torch.randn(1, 5, length)
+    y_ref, grads_ref = run_with_grads(selective_scan_reference, inputs, True, True, True, True, grad_out)
+    y, grads = run_with_grads(selective_scan, inputs, True, True, True, True, grad_out, backend=backend)
+    torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
+    for name in GRAD_NAMES:
+        scale = grads_ref[name].abs().max().item() + 1.0
+        torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-4, atol=1e-5 * scale, msg=name)
+
+
 def test_scan_is_causal_and_uses_state():
     """Changing u at step t leaves y before t unchanged and changes y after t (memory is real)."""
     inputs = make_inputs(1, 3, 20, 4, seed=10)
