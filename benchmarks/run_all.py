@@ -154,11 +154,27 @@ def check_targets(data: dict) -> list[list[str]]:
         rows.append(["encoder matmuls >= 60% of matmul peak (fp32)", f"{100 * f:.0f}%",
                      _status(f >= 0.6, bool(floor.get("quick")))])
     if scan and isinstance(scan, dict) and scan.get("results"):
-        rows += _scan_targets(scan)
+        rows += _scan_targets(scan, (floor or {}).get("peak_gflops", {}).get("fp32") if floor and not floor.get("quick") else None)
     return rows
 
 
-def _scan_targets(scan: dict) -> list[list[str]]:
+# Vector instructions per 16-lane vector of (cell, channel, step, state) elements in the numba kernels of
+# panfoma.selective_scan, counted from their source. Forward: dt * A (1), the float32 exp (17: clamp 2, round 2,
+# Cody-Waite 2, Horner 7, exponent bits 3, scale 1), h = decay * h + drive * B (2), acc += h * C (1) = 21. The
+# backward repeats the forward (21) and then, per element: dt * A (1), exp (17), g (1), the two lane products for
+# dB/dC (2), dL/d(dt A) (2), dA, d(dt), sum g B (3), dh = g * decay (1) = 28, plus two 16-lane horizontal sums
+# (~8 shuffles and adds each = 16 per vector): 44. Forward + backward = 21 + 21 + 44 = 86.
+SCAN_KERNEL_VECTOR_OPS = {"forward": 21, "forward_backward": 86}
+
+
+def scan_instruction_floor_s(elements: int, mode: str, matmul_gflops_fp32: float) -> float:
+    """Seconds the numba kernels' own vector instructions take at the machine's FMA peak (one 16-lane instruction
+    per FMA slot; the fp32 matmul peak / 2 FLOPs per FMA / 16 lanes slots per second): a lower bound for THIS
+    algorithm, unlike the compute floor at torch.exp's rate, which our cheaper exp can beat."""
+    return elements * SCAN_KERNEL_VECTOR_OPS[mode] / (matmul_gflops_fp32 * 1e9 / 2)
+
+
+def _scan_targets(scan: dict, matmul_gflops_fp32: float | None = None) -> list[list[str]]:
     """Scan rows at the issue's size (or the largest measured): the fastest non-reference backend's forward+backward
     against the autograd loop (full length when it was run, else scaled from a short run) and against its floors."""
     quick = bool(scan.get("quick"))
@@ -187,7 +203,16 @@ def _scan_targets(scan: dict) -> list[list[str]]:
         rows.append([f"CPU scan fwd+bwd within 3x of its floor {size}",
                      f"{name}: {_x(x_max)} max floor ({_x(x_mem, 1)} memory, {_x(x_compute)} compute floor)",
                      _status(x_max <= 3, quick)])
-    elif x_mem is not None:  # a scan.json from before the compute floor
+    measured = timing.get("forward_backward")
+    peak = matmul_gflops_fp32 or scan.get("matmul_gflops_fp32")
+    if name == "numba" and measured and peak:
+        elements = row["b"] * row["e"] * row["l"] * row["s"]
+        floor_s = scan_instruction_floor_s(elements, "forward_backward", peak)
+        forward_x = timing["forward"] / scan_instruction_floor_s(elements, "forward", peak)
+        rows.append([f"CPU scan fwd+bwd within 3x of its instruction floor {size}",
+                     f"numba: {_x(measured / floor_s)} ({floor_s * 1e3:.0f} ms at the {peak:.0f} GFLOP/s fp32 peak; "
+                     f"forward {_x(forward_x)})", _status(measured / floor_s <= 3, quick)])
+    if x_max is None and x_mem is not None:  # a scan.json from before the compute floor
         rows.append([f"CPU scan fwd+bwd within 3x of its floor {size}", f"{name}: {_x(x_mem, 1)} memory floor",
                      _status(x_mem <= 3, quick)])
     return rows
@@ -288,8 +313,9 @@ def main(argv=None) -> int:
         payload = data.get(name)
         machine = (payload.get("machine") if isinstance(payload, dict) else None) or {}
         machine = machine if isinstance(machine, dict) else {}
-        load_1 = (machine.get("load_average_1_5_15") or [0])[0]
-        if machine.get("busy_processes", 0) > 0 or load_1 > 0.75 * (machine.get("cores") or 1):
+        # Other processes' CPU use only: the load average is no evidence, since it is recorded right after the
+        # benchmark's own threads kept every core busy (a quiet run ends with load ~= threads).
+        if machine.get("busy_processes", 0) > 0:
             shared = True
     print(f"load average before {before['load_average_1_5_15']}, after {after['load_average_1_5_15']}; other busy "
           f"processes: {before['busy_processes']} / {after['busy_processes']}"

@@ -311,3 +311,22 @@ def test_fast_causal_conv_equals_conv1d_in_values_and_gradients(length):
     torch.testing.assert_close(causal_depthwise_conv(x, weight, bias), expected)
     assert gradcheck(causal_depthwise_conv, (x, weight, bias))
     assert gradcheck(lambda x, w: causal_depthwise_conv(x, w, None), (x, weight))
+
+
+def test_scan_instruction_floor_row_is_judged_from_the_run():
+    """The instruction floor: elements x the kernel's vector ops / FMA slots per second, judged <= 3x."""
+    elements = 8 * 1024 * 3072 * 16
+    floor_s = run_all.scan_instruction_floor_s(elements, "forward_backward", 160.0)
+    assert floor_s == pytest.approx(elements * run_all.SCAN_KERNEL_VECTOR_OPS["forward_backward"] / 80e9)
+
+    def scan_json(fwd_bwd_s):
+        numba = {"forward": 0.5 * fwd_bwd_s, "forward_backward": fwd_bwd_s, "speedup_vs_autograd_loop": {}}
+        return {"quick": False, "issue_size": [8, 1024, 3072, 16],
+                "results": [{"b": 8, "e": 1024, "l": 3072, "s": 16, "backends": {"numba": numba}}]}
+
+    def row(fwd_bwd_s):
+        rows = run_all._scan_targets(scan_json(fwd_bwd_s), matmul_gflops_fp32=160.0)
+        return next(r for r in rows if "instruction floor" in r[0])
+
+    assert row(2.9 * floor_s)[2] == "met" and row(3.1 * floor_s)[2] == "NOT met"
+    assert "2.90x" in row(2.9 * floor_s)[1]
