@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
 import sys
 from pathlib import Path
 
@@ -330,3 +331,17 @@ def test_scan_instruction_floor_row_is_judged_from_the_run():
 
     assert row(2.9 * floor_s)[2] == "met" and row(3.1 * floor_s)[2] == "NOT met"
     assert "2.90x" in row(2.9 * floor_s)[1]
+
+
+@pytest.mark.slow  # compiles a second copy of the numba kernels (~30 s)
+def test_ab_scan_runs_against_a_git_revision(capsys):
+    """benchmarks/ab_scan.py imports another revision's scan next to the current one and compares them."""
+    if subprocess.run(["git", "rev-parse", "HEAD"], cwd=BENCH_DIR.parent, capture_output=True).returncode != 0:
+        pytest.skip("not a git checkout: ab_scan.py needs `git show`")
+    import ab_scan
+
+    ab_scan.main(["--against", "HEAD", "--size", "1,20,24,4", "--no-model", "--threads", "1", "--repeats", "1"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("scan (1, 20, 24, 4)")
+    assert any(line.strip().startswith("forward:") for line in lines)
+    assert any(line.strip().startswith("forward+backward:") for line in lines)
