@@ -20,6 +20,15 @@ POOLING_MODES = ("cls+mean", "cls", "mean")
 MAMBA_IMPLEMENTATIONS = ("auto", "kernel", "torch")
 
 
+def value_special_ids(n_bins: int) -> tuple[int, int]:
+    """(padding, mask) value ids for `n_bins` expression bins.
+
+    Bins are 0 .. n_bins - 1 (0 = not expressed); padding is n_bins and the masked-value token n_bins + 1. The one
+    definition read by the config, the processor and the collator.
+    """
+    return n_bins, n_bins + 1
+
+
 class PanFoMaConfig(PretrainedConfig):
     r"""
     Configuration of a PanFoMa model: local-context encoder (one shared Transformer block over gene
@@ -149,12 +158,12 @@ class PanFoMaConfig(PretrainedConfig):
     @property
     def value_pad_id(self) -> int:
         """Value id of padded positions."""
-        return self.n_bins
+        return value_special_ids(self.n_bins)[0]
 
     @property
     def value_mask_id(self) -> int:
         """Value id of masked positions (masked value modelling)."""
-        return self.n_bins + 1
+        return value_special_ids(self.n_bins)[1]
 
     @property
     def value_vocab_size(self) -> int:
@@ -210,4 +219,4 @@ class PanFoMaConfig(PretrainedConfig):
         return cls(**{**PANFOMA_PRESETS[name], **overrides})
 
 
-__all__ = ["PanFoMaConfig", "PANFOMA_PRESETS"]
+__all__ = ["PanFoMaConfig", "PANFOMA_PRESETS", "value_special_ids"]

@@ -28,6 +28,8 @@ import numpy as np
 import torch
 from transformers import TrainerCallback
 
+from panfoma.configuration_panfoma import value_special_ids
+
 from .binning import DEFAULT_N_BINS
 from .encoding import DEFAULT_TARGET_SUM, EncodedCell, encode_cells, pad_encoded
 from .vocabulary import PAD_TOKEN_ID
@@ -112,12 +114,12 @@ class PanFoMaDataCollator:
     @property
     def value_pad_id(self) -> int:
         """Value id of padding (n_bins)."""
-        return self.n_bins
+        return value_special_ids(self.n_bins)[0]
 
     @property
     def value_mask_id(self) -> int:
         """Value id of masked values (n_bins + 1)."""
-        return self.n_bins + 1
+        return value_special_ids(self.n_bins)[1]
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch: genes are resampled and masks redrawn for every epoch."""

@@ -40,6 +40,8 @@ from tqdm.auto import tqdm
 from transformers import BatchFeature, FeatureExtractionMixin
 from transformers.utils import cached_file
 
+from panfoma.configuration_panfoma import value_special_ids
+
 from .binning import DEFAULT_N_BINS
 from .encoding import DEFAULT_TARGET_SUM, EncodedCell, encode_cells, pad_encoded
 from .vocabulary import DEFAULT_MIN_MATCH_FRACTION, GeneMapping, PanFoMaGeneVocab
@@ -162,12 +164,12 @@ class PanFoMaGeneProcessor(FeatureExtractionMixin):
     @property
     def value_pad_id(self) -> int:
         """Value id of padded positions (= n_bins, as `PanFoMaConfig.value_pad_id`)."""
-        return self.n_bins
+        return value_special_ids(self.n_bins)[0]
 
     @property
     def value_mask_id(self) -> int:
         """Value id of masked positions (= n_bins + 1, as `PanFoMaConfig.value_mask_id`)."""
-        return self.n_bins + 1
+        return value_special_ids(self.n_bins)[1]
 
     def model_config_kwargs(self) -> dict[str, Any]:
         """Keyword arguments that make a `PanFoMaConfig` agree with this processor.
