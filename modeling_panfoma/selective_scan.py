@@ -379,11 +379,9 @@ def _load_block(u, delta, A, D, z, bias, flags, bi, e0, width, ul, vl, dtl, zl, 
     _gather_lanes_jit(delta, bi, e0, width, vl)
     if has_bias:
         for w in range(width):
-            dl[w] = bias[e0 + w]  # dl as scratch for the bias; overwritten with D below
-        for t in range(vl.shape[0]):
-            for w in range(_LANES):
-                vl[t, w] += dl[w]
-        dl[:] = 0.0
+            shift = bias[e0 + w]
+            for t in range(vl.shape[0]):
+                vl[t, w] += shift
     for t in range(vl.shape[0]):
         for w in range(_LANES):
             dtl[t, w] = _lane_softplus(vl[t, w]) if softplus else vl[t, w]
