@@ -395,6 +395,31 @@ def _load_block(u, delta, A, D, z, bias, flags, bi, e0, width, ul, vl, dtl, zl, 
             dl[w] = D[e0 + w]
 
 
+def _block_origin(block, blocks_per_cell, channels):
+    # Block number -> (cell, first channel, real lanes): blocks run over cells, then channel groups.
+    e0 = (block % blocks_per_cell) * _LANES
+    return block // blocks_per_cell, e0, min(_LANES, channels - e0)
+
+
+def _recur_block(Bt, Ct, bi, ul, dtl, al, dl, states, keep_states, drive, pre):
+    # The recurrence of one loaded block; pre[t] = scan + D u (before the gate). states holds h: with
+    # keep_states it is (l + 1, s, _LANES), row t + 1 = h_t (the backward needs them all); else a
+    # rolling (2, s, _LANES) pair. Row 0 must be zero on entry (h_{-1} = 0).
+    for t in range(ul.shape[0]):
+        prev = t if keep_states else t & 1
+        cur = t + 1 if keep_states else (t + 1) & 1
+        for w in range(_LANES):
+            drive[w] = dtl[t, w] * ul[t, w]
+            pre[t, w] = dl[w] * ul[t, w]
+        for n in range(al.shape[0]):
+            b_tn = Bt[bi, t, n]
+            c_tn = Ct[bi, t, n]
+            for w in range(_LANES):
+                h_new = _lane_exp(dtl[t, w] * al[n, w]) * states[prev, n, w] + drive[w] * b_tn
+                states[cur, n, w] = h_new
+                pre[t, w] += h_new * c_tn
+
+
 def _scan_forward_kernel(u, delta, A, Bt, Ct, D, z, bias, flags, y, groups):
     # u, delta, z, y: (b, e, l); A: (e, s); Bt, Ct: (b, l, s) so each step reads s contiguous values;
     # D, bias: (e,); flags: (has_d, has_z, has_bias, softplus). dt = softplus(delta + bias) and
@@ -412,28 +437,13 @@ def _scan_forward_kernel(u, delta, A, Bt, Ct, D, z, bias, flags, y, groups):
         yl = np.empty((length, _LANES), dtype=u.dtype)
         al = np.empty((state, _LANES), dtype=u.dtype)
         dl = np.empty(_LANES, dtype=u.dtype)
-        h = np.empty((state, _LANES), dtype=u.dtype)
-        acc = np.empty(_LANES, dtype=u.dtype)
+        h = np.empty((2, state, _LANES), dtype=u.dtype)  # rolling h_{t-1}, h_t
         drive = np.empty(_LANES, dtype=u.dtype)
         for block in range(group * total // groups, (group + 1) * total // groups):
-            bi = block // blocks_per_cell
-            e0 = (block % blocks_per_cell) * _LANES
-            width = min(_LANES, channels - e0)
+            bi, e0, width = _block_origin_jit(block, blocks_per_cell, channels)
             _load_block_jit(u, delta, A, D, z, bias, flags, bi, e0, width, ul, dtl, dtl, zl, al, dl)
-            h[:, :] = 0.0
-            for t in range(length):
-                for w in range(_LANES):
-                    drive[w] = dtl[t, w] * ul[t, w]
-                    acc[w] = dl[w] * ul[t, w]
-                for n in range(state):
-                    b_tn = Bt[bi, t, n]
-                    c_tn = Ct[bi, t, n]
-                    for w in range(_LANES):
-                        h_new = _lane_exp(dtl[t, w] * al[n, w]) * h[n, w] + drive[w] * b_tn
-                        h[n, w] = h_new
-                        acc[w] += h_new * c_tn
-                for w in range(_LANES):
-                    yl[t, w] = acc[w]
+            h[0, :, :] = 0.0
+            _recur_block_jit(Bt, Ct, bi, ul, dtl, al, dl, h, False, drive, yl)
             if has_z:  # a separate pass: inside the time loop it cost ~30% of the kernel
                 for t in range(length):
                     for w in range(_LANES):
@@ -487,29 +497,13 @@ def _scan_backward_kernel(
         row_b, row_dt, row_lb, row_lc = 2 * state, 2 * state + 1, 2 * state + 2, 2 * state + 3
         grad_d = np.empty(_LANES, dtype=np.float64)
         grad_bias = np.empty(_LANES, dtype=np.float64)
-        acc = np.empty(_LANES, dtype=u.dtype)
         drive = np.empty(_LANES, dtype=u.dtype)
         for block in range(group * total // groups, (group + 1) * total // groups):
-            bi = block // blocks_per_cell
-            e0 = (block % blocks_per_cell) * _LANES
-            width = min(_LANES, channels - e0)
+            bi, e0, width = _block_origin_jit(block, blocks_per_cell, channels)
             _load_block_jit(u, delta, A, D, z, bias, flags, bi, e0, width, ul, vl, dtl, zl, al, dl)
             gyl[:, :] = 0.0
             _gather_lanes_jit(grad_y, bi, e0, width, gyl)
-            # Forward recomputation.
-            for t in range(length):
-                for w in range(_LANES):
-                    drive[w] = dtl[t, w] * ul[t, w]
-                    acc[w] = dl[w] * ul[t, w]
-                for n in range(state):
-                    b_tn = Bt[bi, t, n]
-                    c_tn = Ct[bi, t, n]
-                    for w in range(_LANES):
-                        h_new = _lane_exp(dtl[t, w] * al[n, w]) * states[t, n, w] + drive[w] * b_tn
-                        states[t + 1, n, w] = h_new
-                        acc[w] += h_new * c_tn
-                for w in range(_LANES):
-                    pre[t, w] = acc[w]
+            _recur_block_jit(Bt, Ct, bi, ul, dtl, al, dl, states, True, drive, pre)  # forward recomputation
             # The gate: y = pre * silu(z); dL/dpre = gy silu(z), dL/dz = gy pre silu'(z).
             if has_z:
                 for t in range(length):
@@ -579,7 +573,7 @@ def _lane_softplus(v):
     return _softplus_f64(v)
 
 
-_gather_lanes_jit = _scatter_lanes_jit = _load_block_jit = _lane_sum_jit = None
+_gather_lanes_jit = _scatter_lanes_jit = _load_block_jit = _lane_sum_jit = _block_origin_jit = _recur_block_jit = None
 
 
 def _build_numba_kernels():
@@ -632,13 +626,15 @@ def _build_numba_kernels():
         return None
 
     def compile_all(cache: bool):
-        global _gather_lanes_jit, _scatter_lanes_jit, _load_block_jit, _lane_sum_jit
+        global _gather_lanes_jit, _scatter_lanes_jit, _load_block_jit, _lane_sum_jit, _block_origin_jit, _recur_block_jit
         helper = dict(fastmath=False, cache=cache, inline="always")
         kernel = dict(parallel=True, fastmath=False, cache=cache, nogil=True)
         _gather_lanes_jit = numba.njit(**helper)(_gather_lanes)
         _scatter_lanes_jit = numba.njit(**helper)(_scatter_lanes)
         _load_block_jit = numba.njit(**helper)(_load_block)
         _lane_sum_jit = numba.njit(**helper)(_lane_sum)
+        _block_origin_jit = numba.njit(**helper)(_block_origin)
+        _recur_block_jit = numba.njit(**helper)(_recur_block)
         return numba.njit(**kernel)(_scan_forward_kernel), numba.njit(**kernel)(_scan_backward_kernel)
 
     try:
