@@ -20,16 +20,25 @@ POOLING_MODES = ("cls+mean", "cls", "mean")
 MAMBA_IMPLEMENTATIONS = ("auto", "kernel", "torch")
 
 
-def value_special_ids(n_bins: int) -> tuple[int, int]:
-    """(padding, mask) value ids for `n_bins` expression bins.
+class ValueIdsMixin:
+    """The padding and mask value ids of anything with `n_bins` expression bins: the config, the processor and the
+    collator share this one definition.
 
-    Bins are 0 .. n_bins - 1 (0 = not expressed); padding is n_bins and the masked-value token n_bins + 1. The one
-    definition read by the config, the processor and the collator.
+    Bins are 0 .. n_bins - 1 (0 = not expressed); padding is n_bins and the masked-value token n_bins + 1.
     """
-    return n_bins, n_bins + 1
+
+    @property
+    def value_pad_id(self) -> int:
+        """Value id of padded positions (= n_bins)."""
+        return self.n_bins
+
+    @property
+    def value_mask_id(self) -> int:
+        """Value id of masked positions for masked value modelling (= n_bins + 1)."""
+        return self.n_bins + 1
 
 
-class PanFoMaConfig(PretrainedConfig):
+class PanFoMaConfig(ValueIdsMixin, PretrainedConfig):
     r"""
     Configuration of a PanFoMa model: local-context encoder (one shared Transformer block over gene
     chunks), global-informed dynamic sorting, and a bidirectional Mamba decoder with gated fusion.
@@ -156,16 +165,6 @@ class PanFoMaConfig(PretrainedConfig):
         return self.expand * self.hidden_size
 
     @property
-    def value_pad_id(self) -> int:
-        """Value id of padded positions."""
-        return value_special_ids(self.n_bins)[0]
-
-    @property
-    def value_mask_id(self) -> int:
-        """Value id of masked positions (masked value modelling)."""
-        return value_special_ids(self.n_bins)[1]
-
-    @property
     def value_vocab_size(self) -> int:
         """Size of the value-embedding table: the bins, then padding and mask."""
         return self.n_bins + 2
@@ -219,4 +218,4 @@ class PanFoMaConfig(PretrainedConfig):
         return cls(**{**PANFOMA_PRESETS[name], **overrides})
 
 
-__all__ = ["PanFoMaConfig", "PANFOMA_PRESETS", "value_special_ids"]
+__all__ = ["PanFoMaConfig", "PANFOMA_PRESETS", "ValueIdsMixin"]

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from transformers import TrainerCallback
 
-from panfoma.configuration_panfoma import value_special_ids
+from panfoma.configuration_panfoma import ValueIdsMixin
 
 from .binning import DEFAULT_N_BINS
 from .encoding import DEFAULT_TARGET_SUM, EncodedCell, encode_cells, pad_encoded
@@ -41,7 +41,7 @@ IGNORE_INDEX = -100
 DEFAULT_MASK_RATIO = 0.3
 
 
-class PanFoMaDataCollator:
+class PanFoMaDataCollator(ValueIdsMixin):
     """Pads a batch of cells and builds masked-value-modelling (or classification) inputs.
 
     Args:
@@ -110,16 +110,6 @@ class PanFoMaDataCollator:
         self.epoch = 0
         self._counter = 0
         self._warned_no_idx = False
-
-    @property
-    def value_pad_id(self) -> int:
-        """Value id of padding (n_bins)."""
-        return value_special_ids(self.n_bins)[0]
-
-    @property
-    def value_mask_id(self) -> int:
-        """Value id of masked values (n_bins + 1)."""
-        return value_special_ids(self.n_bins)[1]
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch: genes are resampled and masks redrawn for every epoch."""

@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 from transformers import BatchFeature, FeatureExtractionMixin
 from transformers.utils import cached_file
 
-from panfoma.configuration_panfoma import value_special_ids
+from panfoma.configuration_panfoma import ValueIdsMixin
 
 from .binning import DEFAULT_N_BINS
 from .encoding import DEFAULT_TARGET_SUM, EncodedCell, encode_cells, pad_encoded
@@ -60,7 +60,7 @@ def _is_anndata(obj: object) -> bool:
     return type(obj).__name__ == "AnnData" and hasattr(obj, "var_names") and hasattr(obj, "obs_names")
 
 
-class PanFoMaGeneProcessor(FeatureExtractionMixin):
+class PanFoMaGeneProcessor(ValueIdsMixin, FeatureExtractionMixin):
     r"""Turns single-cell expression (AnnData, or a matrix with gene names) into PanFoMa inputs.
 
     Args:
@@ -160,16 +160,6 @@ class PanFoMaGeneProcessor(FeatureExtractionMixin):
     def vocab_hash(self) -> str:
         """Hash of the ordered token list: the model config's `vocab_hash`."""
         return self._vocab.hash
-
-    @property
-    def value_pad_id(self) -> int:
-        """Value id of padded positions (= n_bins, as `PanFoMaConfig.value_pad_id`)."""
-        return value_special_ids(self.n_bins)[0]
-
-    @property
-    def value_mask_id(self) -> int:
-        """Value id of masked positions (= n_bins + 1, as `PanFoMaConfig.value_mask_id`)."""
-        return value_special_ids(self.n_bins)[1]
 
     def model_config_kwargs(self) -> dict[str, Any]:
         """Keyword arguments that make a `PanFoMaConfig` agree with this processor.
