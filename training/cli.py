@@ -98,6 +98,14 @@ def _add_embed_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
 
 
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from .evaluation import run_evaluate
+
+    run_evaluate(args)
+    _print(f"evaluation report written to {args.output_dir}")
+    return 0
+
+
 def _build_parser() -> argparse.ArgumentParser:
     from panfoma import __version__
 
@@ -116,8 +124,11 @@ def _build_parser() -> argparse.ArgumentParser:
         sub.set_defaults(func=handler)
         return sub
 
+    from .bench import add_build_bench_arguments, run_build_bench
     from .demo import add_demo_arguments
+    from .evaluation import add_evaluate_arguments
     from .finetune import add_finetune_arguments
+    from .hub import add_push_arguments, run_push
     from .pretrain import add_pretrain_arguments
 
     add("demo", "run the whole path end to end on a small real dataset (the first command to try)",
@@ -126,44 +137,12 @@ def _build_parser() -> argparse.ArgumentParser:
     add("finetune", "fine-tune a cell-type / cancer-type classifier with transformers.Trainer",
         add_finetune_arguments, _cmd_finetune)
     add("embed", "write cell embeddings (obsm['X_panfoma']) into an .h5ad", _add_embed_arguments, _cmd_embed)
-
-    def build_bench_hooks(sub):
-        from .bench import add_build_bench_arguments
-
-        add_build_bench_arguments(sub)
-
-    def run_build_bench(args):
-        from .bench import run_build_bench as run
-
-        return run(args)
-
-    add("build-bench", "build a PanFoMaBench-style dataset from .h5ad studies", build_bench_hooks, run_build_bench)
-
-    def evaluate_hooks(sub):
-        from .evaluation import add_evaluate_arguments
-
-        add_evaluate_arguments(sub)
-
-    def run_evaluate(args):
-        from .evaluation import run_evaluate as run
-
-        run(args)
-        _print(f"evaluation report written to {args.output_dir}")
-        return 0
-
-    add("evaluate", "evaluate embeddings on the paper's tasks against baselines", evaluate_hooks, run_evaluate)
-
-    def push_hooks(sub):
-        from .hub import add_push_arguments
-
-        add_push_arguments(sub)
-
-    def run_push(args):
-        from .hub import run_push as run
-
-        return run(args)
-
-    add("push", "push a model folder (model + processor + card) or a dataset folder to the Hub", push_hooks, run_push)
+    add("build-bench", "build a PanFoMaBench-style dataset from .h5ad studies", add_build_bench_arguments,
+        run_build_bench)
+    add("evaluate", "evaluate embeddings on the paper's tasks against baselines", add_evaluate_arguments,
+        _cmd_evaluate)
+    add("push", "push a model folder (model + processor + card) or a dataset folder to the Hub", add_push_arguments,
+        run_push)
     return parser
 
 

@@ -97,6 +97,12 @@ def cpu_has_native_bf16() -> bool:
     return any(bool(capabilities.get(flag, False)) for flag in _NATIVE_BF16_CPU_FLAGS)
 
 
+def _check_precision(precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r} ('auto' picks bf16 autocast "
+                         "where the device supports bf16 natively, else fp32).")
+
+
 def resolve_precision(precision: str = "auto", device: str | torch.device | None = None,
                       parameter_dtype: torch.dtype = torch.float32) -> str:
     """The precision `embed_adata` runs at: `"fp32"` or `"bf16"` (bf16 autocast), from a requested `precision`.
@@ -125,9 +131,7 @@ def resolve_precision(precision: str = "auto", device: str | torch.device | None
         >>> resolve_precision("auto", "cpu") in ("fp32", "bf16")
         True
     """
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r} ('auto' picks bf16 autocast "
-                         "where the device supports bf16 natively, else fp32).")
+    _check_precision(precision)
     stored = _PRECISION_OF_DTYPE.get(parameter_dtype)
     if stored is None:
         raise ValueError(f"cannot embed with a model whose parameters are {parameter_dtype}; load it in float32 "
@@ -293,9 +297,8 @@ def _embed(model, processor, adata, *, batch_size, all_genes, max_genes, layer, 
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
     if autocast_dtype is not None:
         precision = _precision_from_autocast_dtype(autocast_dtype, precision)
-    elif precision not in PRECISIONS:  # checked before any work, whatever the model
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r} ('auto' picks bf16 autocast "
-                         "where the device supports bf16 natively, else fp32).")
+    else:
+        _check_precision(precision)  # before any work, whatever the model
     processor.check_model_config(model.config)
     backbone = _backbone(model)
     if device is not None:
@@ -414,9 +417,7 @@ def embed_file(
     in_place = output.exists() and output.resolve() == source.resolve()
     if output.exists() and not in_place and not overwrite:
         raise FileExistsError(f"{output} already exists; pass overwrite=True (CLI: --overwrite) to replace it.")
-    if precision not in PRECISIONS:  # before loading the model
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r} ('auto' picks bf16 autocast "
-                         "where the device supports bf16 natively, else fp32).")
+    _check_precision(precision)  # before loading the model
     model, processor = load_model_and_processor(model_name_or_path, device=device)
     adata = ad.read_h5ad(source, backed="r")
     try:
