@@ -47,6 +47,7 @@ import torch  # noqa: E402
 from _common import (  # noqa: E402
     SCAN_WORK_PER_ELEMENT,
     available_memory_gb,
+    copy_bandwidth_gbs,
     exp_throughput_per_s,
     machine_info,
     matmul_gflops,
@@ -99,18 +100,6 @@ def run_once(fn, inputs, backward):
 def median_time(fn, inputs, backward, repeats):
     run_once(fn, inputs, backward)  # warm-up: numba compile/cache load, allocator
     return statistics.median(run_once(fn, inputs, backward) for _ in range(repeats))
-
-
-def copy_bandwidth_gbs(repeats=5, megabytes=512):
-    """Read+write bandwidth of a large tensor copy (bytes read + bytes written per second)."""
-    source = torch.rand(megabytes * 2**20 // FLOAT_BYTES)
-    target = torch.empty_like(source)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        target.copy_(source)
-        times.append(time.perf_counter() - start)
-    return 2 * source.numel() * FLOAT_BYTES / statistics.median(times) / 1e9
 
 
 def floor_bytes(batch, channels, length, state):
@@ -177,7 +166,7 @@ def main(argv=None):
     reference_length = args.reference_length or 256
     full_reference = not args.quick and not args.no_full_reference and ISSUE_SIZE in sizes
     graph_per_step = reference_graph_bytes_per_step(*ISSUE_SIZE[:2], ISSUE_SIZE[3]) if full_reference else None
-    bandwidth = copy_bandwidth_gbs(megabytes=64 if args.quick else 512)
+    bandwidth = copy_bandwidth_gbs((64 if args.quick else 512) * 2**20 // FLOAT_BYTES, repeats=5)
     exp_rate = exp_throughput_per_s(repeats=max(3, repeats))
     peak = matmul_gflops(512 if args.quick else 2048, torch.float32, repeats=max(3, repeats))
     print(f"threads={args.threads} repeats={repeats} copy bandwidth={bandwidth:.2f} GB/s (read+write), "

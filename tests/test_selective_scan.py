@@ -54,6 +54,14 @@ def run_with_grads(fn, inputs, use_D, use_z, use_bias, softplus, grad_out, **kwa
     return y.detach(), {name: leaf.grad for name, leaf in leaves.items() if leaf.grad is not None}
 
 
+def assert_grads_close(grads, grads_ref, names=GRAD_NAMES, *, rtol, atol, scaled=True):
+    """Every named gradient close to the reference. scaled: atol * (max |reference gradient| + 1), because sums
+    over l (grad A) or e (grads B, C) accumulate in a different order than the reference's."""
+    for name in names:
+        scale = grads_ref[name].abs().max().item() + 1.0 if scaled else 1.0
+        torch.testing.assert_close(grads[name], grads_ref[name], rtol=rtol, atol=atol * scale, msg=name)
+
+
 def naive_scan_numpy_free(u, delta, A, B, C, D, z, delta_bias, softplus):
     """An independent float64 triple loop (no vectorisation) used to pin the reference itself."""
     batch, channels, length = u.shape
@@ -104,10 +112,7 @@ def test_backend_matches_reference_fp32(backend, length, use_D, use_z, use_bias,
     optional = {"D": use_D, "z": use_z, "delta_bias": use_bias}
     expected_names = {"u", "delta", "A", "B", "C"} | {name for name, used in optional.items() if used}
     assert set(grads) == expected_names
-    for name in expected_names:
-        # Sums over l (grad A) or e (grads B, C) accumulate in a different order: scale atol.
-        scale = grads_ref[name].abs().max().item() + 1.0
-        torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-4, atol=1e-5 * scale, msg=name)
+    assert_grads_close(grads, grads_ref, expected_names, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -118,8 +123,7 @@ def test_backend_matches_reference_fp64_tightly(backend):
     y_ref, grads_ref = run_with_grads(selective_scan_reference, inputs, True, True, True, True, grad_out)
     y, grads = run_with_grads(selective_scan, inputs, True, True, True, True, grad_out, backend=backend)
     torch.testing.assert_close(y, y_ref, rtol=1e-11, atol=1e-12)
-    for name in GRAD_NAMES:
-        torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-10, atol=1e-11, msg=name)
+    assert_grads_close(grads, grads_ref, rtol=1e-10, atol=1e-11, scaled=False)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -142,8 +146,7 @@ def test_torch_backend_multi_chunk(monkeypatch):
     y_ref, grads_ref = run_with_grads(selective_scan_reference, inputs, True, True, True, True, grad_out)
     y, grads = run_with_grads(selective_scan, inputs, True, True, True, True, grad_out, backend="torch")
     torch.testing.assert_close(y, y_ref, rtol=1e-11, atol=1e-12)
-    for name in GRAD_NAMES:
-        torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-10, atol=1e-11, msg=name)
+    assert_grads_close(grads, grads_ref, rtol=1e-10, atol=1e-11, scaled=False)
 
 
 def test_numba_many_threads_groups_sum_correctly(monkeypatch):
@@ -154,8 +157,7 @@ def test_numba_many_threads_groups_sum_correctly(monkeypatch):
     y_ref, grads_ref = run_with_grads(selective_scan_reference, inputs, True, True, True, True, grad_out)
     y, grads = run_with_grads(selective_scan, inputs, True, True, True, True, grad_out, backend="numba")
     torch.testing.assert_close(y, y_ref, rtol=1e-11, atol=1e-12)
-    for name in GRAD_NAMES:
-        torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-10, atol=1e-11, msg=name)
+    assert_grads_close(grads, grads_ref, rtol=1e-10, atol=1e-11, scaled=False)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -188,9 +190,7 @@ def test_non_contiguous_inputs(backend):
     y_ref, grads_ref = run_with_grads(selective_scan_reference, inputs, True, True, True, True, grad_out)
     y, grads = run_with_grads(selective_scan, strided, True, True, True, True, grad_out, backend=backend)
     torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-5)
-    for name in GRAD_NAMES:
-        scale = grads_ref[name].abs().max().item() + 1.0
-        torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-4, atol=1e-5 * scale, msg=name)
+    assert_grads_close(grads, grads_ref, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -221,9 +221,7 @@ def test_softplus_range_matches_reference(backend):
     y_ref, grads_ref = run_with_grads(selective_scan_reference, inputs, True, True, True, True, grad_out)
     y, grads = run_with_grads(selective_scan, inputs, True, True, True, True, grad_out, backend=backend)
     torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
-    for name in GRAD_NAMES:
-        scale = grads_ref[name].abs().max().item() + 1.0
-        torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-4, atol=1e-5 * scale, msg=name)
+    assert_grads_close(grads, grads_ref, rtol=1e-4, atol=1e-5)
 
 
 def test_scan_is_causal_and_uses_state():
@@ -340,9 +338,7 @@ def test_torch_backend_on_cuda_matches_reference():
     y_ref, grads_ref = run_with_grads(selective_scan_reference, inputs, True, True, True, True, grad_out)
     y, grads = run_with_grads(selective_scan, inputs, True, True, True, True, grad_out, backend="torch")
     torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
-    for name in GRAD_NAMES:
-        scale = grads_ref[name].abs().max().item() + 1.0
-        torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-3, atol=1e-4 * scale, msg=name)
+    assert_grads_close(grads, grads_ref, rtol=1e-3, atol=1e-4)
 
 
 @pytest.mark.gpu
@@ -355,6 +351,4 @@ def test_kernel_matches_torch_backend_on_cuda():
     y_torch, grads_torch = run_with_grads(selective_scan, inputs, True, True, True, True, grad_out, backend="torch")
     y_kernel, grads_kernel = run_with_grads(selective_scan, inputs, True, True, True, True, grad_out, backend="kernel")
     torch.testing.assert_close(y_kernel, y_torch, rtol=1e-3, atol=1e-3)
-    for name in GRAD_NAMES:
-        scale = grads_torch[name].abs().max().item() + 1.0
-        torch.testing.assert_close(grads_kernel[name], grads_torch[name], rtol=1e-3, atol=1e-3 * scale, msg=name)
+    assert_grads_close(grads_kernel, grads_torch, rtol=1e-3, atol=1e-3)
