@@ -273,6 +273,21 @@ def scan_compute_floor_s(work: dict[str, int], exp_per_s: float, matmul_gflops_f
     return work["exp"] / exp_per_s + work["multiply_adds"] / (matmul_gflops_fp32 * 1e9 / 2)
 
 
+# Vector instructions per 16-lane vector of (cell, channel, step, state) elements in the numba kernels of
+# panfoma.selective_scan, counted from their source. Forward: dt * A (1), the float32 exp (17: clamp 2, round 2,
+# Cody-Waite 2, Horner 7, exponent bits 3, scale 1), h = decay * h + drive * B (2), acc += h * C (1) = 21. The
+# backward repeats the forward (21) and then, per element: dt * A (1), exp (17), g (1), the two lane products for
+# dB/dC (2), dL/d(dt A) (2), dA, d(dt), sum g B (3), dh = g * decay (1) = 28, plus two 16-lane horizontal sums
+# (~8 shuffles and adds each = 16 per vector): 44. Forward + backward = 21 + 21 + 44 = 86.
+SCAN_KERNEL_VECTOR_OPS = {"forward": 21, "forward_backward": 86}
+
+
+def scan_instruction_floor_s(elements: int, mode: str, matmul_gflops_fp32: float) -> float:
+    """Seconds the numba kernels' own vector instructions take at the machine's FMA peak (one 16-lane instruction
+    per FMA slot; the fp32 matmul peak / 2 FLOPs per FMA / 16 lanes slots per second): a lower bound for THIS
+    algorithm, unlike the compute floor at torch.exp's rate, which our cheaper exp can beat."""
+    return elements * SCAN_KERNEL_VECTOR_OPS[mode] / (matmul_gflops_fp32 * 1e9 / 2)
+
 # --------------------------------------------------------------------------------------------------
 # Memory probes: one fresh subprocess per configuration
 # --------------------------------------------------------------------------------------------------

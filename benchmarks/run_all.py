@@ -29,7 +29,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import BENCH_DIR, REPO_ROOT, RESULTS_DIR, machine_info, print_table  # noqa: E402
+from _common import (  # noqa: E402
+    BENCH_DIR,
+    REPO_ROOT,
+    RESULTS_DIR,
+    machine_info,
+    print_table,
+    scan_instruction_floor_s,
+)
 
 CORE = ["model", "peers", "floor", "precision"]
 OTHERS = ["scan", "processor", "dataset", "training"]
@@ -156,22 +163,6 @@ def check_targets(data: dict) -> list[list[str]]:
     if scan and isinstance(scan, dict) and scan.get("results"):
         rows += _scan_targets(scan, (floor or {}).get("peak_gflops", {}).get("fp32") if floor and not floor.get("quick") else None)
     return rows
-
-
-# Vector instructions per 16-lane vector of (cell, channel, step, state) elements in the numba kernels of
-# panfoma.selective_scan, counted from their source. Forward: dt * A (1), the float32 exp (17: clamp 2, round 2,
-# Cody-Waite 2, Horner 7, exponent bits 3, scale 1), h = decay * h + drive * B (2), acc += h * C (1) = 21. The
-# backward repeats the forward (21) and then, per element: dt * A (1), exp (17), g (1), the two lane products for
-# dB/dC (2), dL/d(dt A) (2), dA, d(dt), sum g B (3), dh = g * decay (1) = 28, plus two 16-lane horizontal sums
-# (~8 shuffles and adds each = 16 per vector): 44. Forward + backward = 21 + 21 + 44 = 86.
-SCAN_KERNEL_VECTOR_OPS = {"forward": 21, "forward_backward": 86}
-
-
-def scan_instruction_floor_s(elements: int, mode: str, matmul_gflops_fp32: float) -> float:
-    """Seconds the numba kernels' own vector instructions take at the machine's FMA peak (one 16-lane instruction
-    per FMA slot; the fp32 matmul peak / 2 FLOPs per FMA / 16 lanes slots per second): a lower bound for THIS
-    algorithm, unlike the compute floor at torch.exp's rate, which our cheaper exp can beat."""
-    return elements * SCAN_KERNEL_VECTOR_OPS[mode] / (matmul_gflops_fp32 * 1e9 / 2)
 
 
 def _scan_targets(scan: dict, matmul_gflops_fp32: float | None = None) -> list[list[str]]:

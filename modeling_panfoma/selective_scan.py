@@ -306,8 +306,8 @@ _EXP_MAGIC = np.float32(12582912.0)  # 1.5 * 2^23: adding then subtracting it ro
 _EXP_LN2_HI, _EXP_LN2_LO = np.float32(0.693359375), np.float32(-2.12194440e-4)  # Cody-Waite split
 _EXP_X_MIN, _EXP_X_MAX = np.float32(-88.0), np.float32(89.0)
 _EXP_C = tuple(np.float32(1.0 / math.factorial(i)) for i in range(8))
-_EXP_ONE, _EXP_BIAS, _EXP_MANTISSA_BITS = np.float32(1.0), np.int32(127), np.int32(23)
-_ONE = _EXP_ONE  # float32 constants keep float32 kernels in float32 (a float64 literal would promote)
+_EXP_BIAS, _EXP_MANTISSA_BITS = np.int32(127), np.int32(23)
+_ONE = np.float32(1.0)  # float32 constants keep float32 kernels in float32 (a float64 literal would promote)
 _f32_from_bits = None  # rebound to a numba intrinsic: reinterpret an int32 bit pattern as float32
 
 
@@ -320,8 +320,8 @@ def _exp_f32(x):
     p = p * r + _EXP_C[4]
     p = p * r + _EXP_C[3]
     p = p * r + _EXP_C[2]
-    p = p * r + _EXP_ONE
-    p = p * r + _EXP_ONE
+    p = p * r + _ONE
+    p = p * r + _ONE
     return p * _f32_from_bits((np.int32(k) + _EXP_BIAS) << _EXP_MANTISSA_BITS)  # p * 2^k
 
 

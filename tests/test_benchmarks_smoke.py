@@ -26,7 +26,15 @@ import bench_precision  # noqa: E402
 import bench_scan  # noqa: E402
 import peers  # noqa: E402
 import run_all  # noqa: E402
-from _common import SCAN_WORK_PER_ELEMENT, bench_config, build_model, make_inputs, scan_work  # noqa: E402
+from _common import (  # noqa: E402
+    SCAN_KERNEL_VECTOR_OPS,
+    SCAN_WORK_PER_ELEMENT,
+    bench_config,
+    build_model,
+    make_inputs,
+    scan_instruction_floor_s,
+    scan_work,
+)
 
 
 @pytest.fixture(scope="module")
@@ -317,8 +325,8 @@ def test_fast_causal_conv_equals_conv1d_in_values_and_gradients(length):
 def test_scan_instruction_floor_row_is_judged_from_the_run():
     """The instruction floor: elements x the kernel's vector ops / FMA slots per second, judged <= 3x."""
     elements = 8 * 1024 * 3072 * 16
-    floor_s = run_all.scan_instruction_floor_s(elements, "forward_backward", 160.0)
-    assert floor_s == pytest.approx(elements * run_all.SCAN_KERNEL_VECTOR_OPS["forward_backward"] / 80e9)
+    floor_s = scan_instruction_floor_s(elements, "forward_backward", 160.0)
+    assert floor_s == pytest.approx(elements * SCAN_KERNEL_VECTOR_OPS["forward_backward"] / 80e9)
 
     def scan_json(fwd_bwd_s):
         numba = {"forward": 0.5 * fwd_bwd_s, "forward_backward": fwd_bwd_s, "speedup_vs_autograd_loop": {}}
