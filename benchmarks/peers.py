@@ -149,6 +149,13 @@ def mamba_mixer_flops(config: PanFoMaConfig, genes: int) -> dict[str, float]:
     return {"linear": 2 * genes * (d * 2 * e + e * (r + 2 * s) + r * e + e * d), "scan": 6 * genes * e * s}
 
 
+def _transformer_flops(config: PanFoMaConfig, layers: int, tokens: int, attended_pairs: int) -> dict[str, float]:
+    """`layers` pre-LN Transformer layers over `tokens` tokens: QKV + out projections (4 d^2 per token) and the FFN
+    (2 d f), plus QK^T and AV over `attended_pairs` (query, key) pairs."""
+    d, f = config.hidden_size, config.intermediate_size
+    return {"linear": layers * 2 * tokens * (4 * d * d + 2 * d * f), "attention": layers * 4 * attended_pairs * d}
+
+
 def panfoma_flops(config: PanFoMaConfig, genes: int) -> dict[str, float]:
     """Forward FLOPs of one PanFoMa cell with `genes` genes, by component.
 
@@ -156,12 +163,11 @@ def panfoma_flops(config: PanFoMaConfig, genes: int) -> dict[str, float]:
     QKV/out projections and the FFN, plus QK^T and AV inside each chunk. Decoder: per bidirectional layer two
     mixers and the d x d gate. The GDS score (2 n d) and pooling are O(n d) and left out.
     """
-    d, f = config.hidden_size, config.intermediate_size
+    d = config.hidden_size
     c = max(1, math.ceil(genes / config.gene_chunk_size))
     m = math.ceil(genes / c)
-    tokens = c * (m + 1)
-    encoder_linear = config.num_encoder_layers * 2 * tokens * (4 * d * d + 2 * d * f)
-    encoder_attention = config.num_encoder_layers * 4 * c * (m + 1) ** 2 * d
+    encoder = _transformer_flops(config, config.num_encoder_layers, c * (m + 1), c * (m + 1) ** 2)
+    encoder_linear, encoder_attention = encoder["linear"], encoder["attention"]
     mixer = mamba_mixer_flops(config, genes)
     decoder_linear = config.num_mamba_layers * (2 * mixer["linear"] + 2 * genes * d * d)
     scan = config.num_mamba_layers * 2 * mixer["scan"]
@@ -173,10 +179,9 @@ def panfoma_flops(config: PanFoMaConfig, genes: int) -> dict[str, float]:
 def attention_flops(config: PanFoMaConfig, genes: int, num_layers: int = PEER_NUM_LAYERS) -> dict[str, float]:
     """Forward FLOPs of one cell through `PeerFullAttentionEncoder`: t = genes + 1 tokens (with the CLS), per
     layer QKV + out projections (4 d^2 per token) and the FFN (2 d f), plus QK^T and AV over all t x t pairs."""
-    d, f = config.hidden_size, config.intermediate_size
     t = genes + 1
-    linear = num_layers * 2 * t * (4 * d * d + 2 * d * f)
-    attention = num_layers * 4 * t * t * d
+    flops = _transformer_flops(config, num_layers, t, t * t)
+    linear, attention = flops["linear"], flops["attention"]
     return {"linear": linear, "attention": attention, "matmul_total": linear + attention,
             "total": linear + attention}
 
