@@ -8,8 +8,10 @@ Gene selection of one cell (all randomness from the cell's own `numpy.random.Gen
 
 1. genes are put in canonical order (ascending token id), so the column order of the input never
    matters;
-2. expressed genes (value > 0) are kept; when there are more than `max_genes`, `max_genes` of them are
-   drawn at random without replacement (`max_genes=None` keeps every expressed gene);
+2. expressed genes (value > 0) are kept; when there are more than `max_genes`, `gene_selection` picks
+   `max_genes` of them: `"random"` draws them without replacement (pretraining: the paper resamples
+   genes every epoch), `"top"` keeps the `max_genes` most expressed, ties broken by ascending token id
+   (inference: deterministic, no generator used); `max_genes=None` keeps every expressed gene;
 3. with `include_zero_genes=True`, the cell is topped up to `max_genes` with zero-expression genes drawn
    from `zero_pool` (the genes measured in the dataset) minus the expressed ones;
 4. the selected genes are put in a random order (`shuffle=True`, the default) because the model's
@@ -31,6 +33,8 @@ from .vocabulary import PAD_TOKEN_ID
 
 #: Library size that `raw_values` are normalised to before log1p.
 DEFAULT_TARGET_SUM = 1e4
+#: Rules `select_genes` / `encode_cells` accept for choosing `max_genes` of a cell's expressed genes.
+GENE_SELECTIONS = ("random", "top")
 
 
 @dataclass
@@ -49,19 +53,38 @@ def select_genes(
     rng: np.random.Generator,
     zero_candidates: np.ndarray | None = None,
     shuffle: bool = True,
+    gene_selection: str = "random",
+    expression: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Positions to keep for one cell (see module docstring, steps 2-4).
+    """Positions to keep for one cell (see module docstring, steps 2-4); owns the choice of genes only.
 
     Args:
-        expressed: positions (in canonical order) of the cell's expressed genes.
+        expressed: positions (in canonical order, i.e. ascending token id) of the cell's expressed genes.
         max_genes: most genes to keep, or None for all expressed genes.
         rng: the cell's random generator.
         zero_candidates: positions of zero-expression genes to top up with (None = no top-up).
         shuffle: return the positions in random order instead of ascending.
+        gene_selection: `"random"` (sample `max_genes` expressed genes uniformly; pretraining) or `"top"`
+            (the `max_genes` highest `expression`, ties broken by position = token id; inference).
+        expression: the cell's values at `expressed` (same length); needed by `"top"`.
+
+    Example:
+        >>> select_genes(np.array([0, 2, 5, 7]), max_genes=2, rng=np.random.default_rng(0), shuffle=False,
+        ...              gene_selection="top", expression=np.array([1.0, 9.0, 3.0, 3.0])).tolist()
+        [2, 5]
     """
+    if gene_selection not in GENE_SELECTIONS:
+        raise ValueError(f"gene_selection must be one of {GENE_SELECTIONS}, got {gene_selection!r}.")
     chosen = expressed
     if max_genes is not None and expressed.size > max_genes:
-        chosen = np.sort(rng.choice(expressed, size=max_genes, replace=False))
+        if gene_selection == "top":
+            if expression is None or np.shape(expression) != expressed.shape:
+                raise ValueError("gene_selection='top' needs `expression`, one value per expressed position.")
+            # lexsort: last key is primary -> descending expression, then ascending position (= token id).
+            ranked = np.lexsort((expressed, -np.asarray(expression, dtype=np.float64)))
+            chosen = np.sort(expressed[ranked[:max_genes]])
+        else:
+            chosen = np.sort(rng.choice(expressed, size=max_genes, replace=False))
     if zero_candidates is not None and max_genes is not None and chosen.size < max_genes and zero_candidates.size:
         extra = rng.choice(zero_candidates, size=min(max_genes - chosen.size, zero_candidates.size), replace=False)
         chosen = np.sort(np.concatenate([chosen, extra]))
@@ -82,6 +105,7 @@ def encode_cells(
     zero_pool: np.ndarray | None = None,
     shuffle: bool = True,
     target_sum: float = DEFAULT_TARGET_SUM,
+    gene_selection: str = "random",
 ) -> list[EncodedCell]:
     """Encode several cells given in CSR-like layout; the one encoding routine of PanFoMa.
 
@@ -98,6 +122,8 @@ def encode_cells(
             measures); None = only the cell's own explicit zeros.
         shuffle: random gene order per cell (default) instead of ascending token id.
         target_sum: library size used for `raw_values`.
+        gene_selection: how `max_genes` expressed genes are chosen when a cell has more (`select_genes`):
+            `"random"` (default; pretraining) or `"top"` (most expressed, deterministic; inference).
 
     Returns:
         one `EncodedCell` per cell.
@@ -111,6 +137,8 @@ def encode_cells(
     indptr = np.asarray(indptr, dtype=np.int64)
     gene_ids = np.asarray(gene_ids, dtype=np.int64)
     counts = np.asarray(counts, dtype=np.float64)
+    if gene_selection not in GENE_SELECTIONS:
+        raise ValueError(f"gene_selection must be one of {GENE_SELECTIONS}, got {gene_selection!r}.")
     n_cells = indptr.size - 1
     if len(rngs) != n_cells:
         raise ValueError(f"need one random generator per cell: {len(rngs)} for {n_cells} cells.")
@@ -153,7 +181,7 @@ def encode_cells(
                 # Canonical order of candidates, so the draw does not depend on storage order.
                 zero_candidates = zero_candidates[np.argsort(ids[zero_candidates], kind="stable")]
         chosen = select_genes(expressed, max_genes=max_genes, rng=rngs[c], zero_candidates=zero_candidates,
-                              shuffle=shuffle)
+                              shuffle=shuffle, gene_selection=gene_selection, expression=cell_counts[expressed])
         n_stored = stop - start
         stored = chosen < n_stored
         cell_bins = np.zeros(chosen.size, dtype=np.int64)
@@ -190,4 +218,4 @@ def pad_encoded(
     return {"input_ids": input_ids, "values": values, "attention_mask": attention_mask, "raw_values": raw_values}
 
 
-__all__ = ["DEFAULT_TARGET_SUM", "EncodedCell", "encode_cells", "pad_encoded", "select_genes"]
+__all__ = ["DEFAULT_TARGET_SUM", "GENE_SELECTIONS", "EncodedCell", "encode_cells", "pad_encoded", "select_genes"]
