@@ -21,9 +21,9 @@ Choices, and why:
 * **Objective**: masked value modelling (`PanFoMaForPreTraining`); the data collator samples `max_genes`
   genes per cell per epoch (paper: 3,072) and masks `config.mask_ratio` of them, from a generator seeded by
   `(seed, epoch, cell idx)`, so a batch is a pure function of (seed, epoch, position in the epoch).
-* **Optimiser**: AdamW; no weight decay on parameters marked `_no_weight_decay` (Mamba `A_log`, `D`), on
-  every 1-D parameter (LayerNorm weights, biases, the CLS vector) and on the gene/value embedding tables
-  (decay would shrink the embeddings of genes that are rarely measured just because they are rare).
+* **Optimiser**: AdamW with the parameter groups of `panfoma.training.optim.parameter_groups` (the one
+  weight-decay policy, shared with fine-tuning): no decay on Mamba `A_log` / `D`, norms, biases, 1-D
+  parameters and embedding tables.
   Linear warmup then cosine decay (`transformers.get_cosine_schedule_with_warmup`), gradient clipping.
 * **Checkpoints** (`save_steps`): `Accelerator.save_state` into `checkpoints/.tmp-step-N`, then
   `trainer_state.json` is written and the folder renamed to `checkpoints/step-N`. A run killed mid-save
@@ -57,6 +57,8 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+
+from .optim import parameter_groups  # the one weight-decay policy, shared with fine-tuning
 
 logger = logging.getLogger(__name__)
 
@@ -333,28 +335,6 @@ def build_model_and_processor(cfg: PretrainingConfig):
     config = PanFoMaConfig.from_preset(cfg.preset, **processor.model_config_kwargs(), **overrides)
     processor.check_model_config(config)
     return PanFoMaForPreTraining(config), processor
-
-
-def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: decay on weight matrices; none on `_no_weight_decay` params, 1-D params and embeddings.
-
-    Example:
-        >>> from panfoma import PanFoMaConfig, PanFoMaForPreTraining
-        >>> model = PanFoMaForPreTraining(PanFoMaConfig.from_preset("panfoma-tiny", vocab_size=50))
-        >>> decay, no_decay = parameter_groups(model, 0.01)
-        >>> any(p is model.panfoma.decoder_layers[0].forward_mamba.A_log for p in no_decay["params"])
-        True
-    """
-    embedding_params = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
-    decay, no_decay = [], []
-    for param in model.parameters():
-        if not param.requires_grad:
-            continue
-        if getattr(param, "_no_weight_decay", False) or param.ndim < 2 or id(param) in embedding_params:
-            no_decay.append(param)
-        else:
-            decay.append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
