@@ -47,16 +47,40 @@ def test_embedding_shape_and_batching_invariance(model_dir, cells):
     assert np.linalg.norm(one_batch[0] - one_batch[1]) > 1e-4  # different cells, different embeddings
 
 
-def test_all_genes_uses_more_than_max_genes(model_dir, cells):
+def test_every_expressed_gene_is_used_by_default_and_max_genes_caps(model_dir, cells):
     model, processor = load_model_and_processor(model_dir)
     adata = cells[0]
+    assert processor.max_genes == 8  # the pretraining sample size: inference must not use it by default
     assert int((adata.X[:5] > 0).sum(1).min()) > 8  # more expressed genes than max_genes=8
-    sampled = embed_adata(model, processor, adata[:5], progress=False)
+    default = embed_adata(model, processor, adata[:5], progress=False)
     everything = embed_adata(model, processor, adata[:5], all_genes=True, progress=False)
-    assert not np.allclose(sampled, everything, atol=1e-4)
+    np.testing.assert_allclose(default, everything, atol=1e-5)
+    capped = embed_adata(model, processor, adata[:5], max_genes=8, progress=False)
+    assert not np.allclose(capped, everything, atol=1e-4)
     # max_genes >= every cell's expressed genes is the same as all genes, up to gene order
     np.testing.assert_allclose(embed_adata(model, processor, adata[:5], max_genes=len(GENES), progress=False),
                                everything, atol=1e-4)
+
+
+def test_a_preset_name_is_a_random_init_model_with_the_default_processor(model_dir):
+    import torch
+
+    from panfoma.tokenization import PanFoMaGeneProcessor
+
+    model, processor = load_model_and_processor("panfoma-tiny", device="cpu")
+    assert type(model).__name__ == "PanFoMaModel" and not model.training
+    assert processor.vocab_hash == PanFoMaGeneProcessor().vocab_hash and model.config.vocab_size == processor.vocab_size
+    again, _ = load_model_and_processor("panfoma-tiny", device="cpu")  # same init seed, same weights
+    other, _ = load_model_and_processor("panfoma-tiny", device="cpu", init_seed=1)
+    table = model.get_input_embeddings().weight
+    assert torch.equal(table, again.get_input_embeddings().weight)
+    assert not torch.equal(table, other.get_input_embeddings().weight)
+    # random_init keeps a checkpoint's config and processor but not its weights
+    trained, trained_processor = load_model_and_processor(model_dir, device="cpu")
+    control, control_processor = load_model_and_processor(model_dir, device="cpu", random_init=True)
+    assert control.config.to_diff_dict() == trained.config.to_diff_dict()
+    assert control_processor.to_dict() == trained_processor.to_dict()
+    assert not torch.equal(control.get_input_embeddings().weight, trained.get_input_embeddings().weight)
 
 
 def test_embed_file_backed_matches_in_memory_and_keeps_the_rest(model_dir, cells, tmp_path):
@@ -64,8 +88,9 @@ def test_embed_file_backed_matches_in_memory_and_keeps_the_rest(model_dir, cells
     out = embed_file(model_dir, path, tmp_path / "out.h5ad", batch_size=4, progress=False)
     written = ad.read_h5ad(out)
     model, processor = load_model_and_processor(model_dir)
-    np.testing.assert_allclose(written.obsm["X_panfoma"], embed_adata(model, processor, adata, progress=False),
-                               atol=1e-5)
+    # same batch size: the same padding, so backed and in-memory agree to float32 rounding
+    np.testing.assert_allclose(written.obsm["X_panfoma"],
+                               embed_adata(model, processor, adata, batch_size=4, progress=False), atol=1e-5)
     np.testing.assert_array_equal(written.obsm["X_other"], adata.obsm["X_other"])
     assert (written.X != adata.X).nnz == 0 and list(written.obs_names) == list(adata.obs_names)
     with pytest.raises(FileExistsError, match="overwrite"):
@@ -141,7 +166,7 @@ def test_fp32_is_exactly_the_plain_float32_forward(model_64, pbmc_cells):
 
     model, processor = model_64
     cells = pbmc_cells[:12]
-    batch = processor(cells)  # the same per-cell gene sampling as embed_adata's batches
+    batch = processor(cells, max_genes=None)  # every expressed gene, as embed_adata by default
     with torch.no_grad():
         plain = model(input_ids=batch["input_ids"], values=batch["values"],
                       attention_mask=batch["attention_mask"]).pooler_output.numpy()
@@ -187,7 +212,7 @@ def test_embed_file_records_the_precision_in_uns(model_dir, cells, tmp_path):
     written = ad.read_h5ad(out)
     meta = written.uns["panfoma"]
     assert meta["precision"] == "fp32" and meta["obsm_key"] == "X_panfoma" and meta["model"] == str(model_dir)
-    assert meta["device"] == "cpu" and meta["max_genes"] == 8
+    assert meta["device"] == "cpu" and meta["max_genes"] == "all"
     out = embed_file(model_dir, out, out, precision="bf16", key="X_panfoma_bf16", progress=False)  # in place
     written = ad.read_h5ad(out)
     assert written.uns["panfoma_bf16"]["precision"] == "bf16" and written.uns["panfoma"]["precision"] == "fp32"

@@ -14,9 +14,12 @@ Choices:
   a pretraining or a classification checkpoint is loaded as its backbone (`AutoModel`).
 * Cells are encoded by the processor saved with the model, `batch_size` consecutive cells at a time, so memory
   is bounded by one batch and backed (`backed="r"`) files larger than memory can be embedded.
-* Gene selection is the processor's: by default at most `max_genes` (3,072) expressed genes per cell, sampled
-  with a per-cell seed (same cell, same genes, whatever the batching); `all_genes=True` uses every expressed gene
-  (the model takes any number of chunks at inference).
+* Genes: every expressed gene of each cell by default (the model takes any number of chunks at inference; random
+  sampling of genes is for pretraining only). `max_genes=K` caps the genes per cell, chosen by the processor's
+  inference rule (a deterministic top-K by expression where the processor selects `"top"`; per-cell seeded, so the
+  same cell gets the same genes whatever the batching).
+* The model argument may also be a preset name (`"panfoma-tiny"`, `"panfoma-small"`, `"panfoma-base"`): a randomly
+  initialised model of that size with the default processor (`load_model_and_processor`).
 * The processor and the model must share the gene vocabulary and binning; a mismatch is refused with an
   explanation instead of reading embeddings of the wrong genes.
 * Precision (`precision="auto"`, the default): bf16 autocast where the device multiplies bf16 matrices natively
@@ -184,42 +187,107 @@ def _backbone(model: torch.nn.Module) -> torch.nn.Module:
     return inner if isinstance(inner, torch.nn.Module) else model
 
 
+def is_preset_name(model_name_or_path: str | os.PathLike) -> bool:
+    """Whether `model_name_or_path` names a size preset (`panfoma-tiny/-small/-base`) rather than a folder or Hub id.
+
+    A preset means "a randomly initialised model of that size with the default processor". An existing local folder
+    of the same name wins (it is a checkpoint).
+
+    Example:
+        >>> is_preset_name("panfoma-small"), is_preset_name("runs/model")
+        (True, False)
+    """
+    from panfoma import PANFOMA_PRESETS
+
+    return str(model_name_or_path) in PANFOMA_PRESETS and not os.path.exists(str(model_name_or_path))
+
+
+def config_and_processor(model_name_or_path: str | os.PathLike, **from_pretrained_kwargs: Any):
+    """`(PanFoMaConfig, PanFoMaGeneProcessor)` of a checkpoint, or of a preset with the default processor.
+
+    The one place a model argument is resolved to a config and its processor, checked to belong together: embedding,
+    evaluation and fine-tuning all accept a folder, a Hub id or a preset name through it.
+    """
+    from transformers import AutoConfig
+
+    from panfoma import PanFoMaConfig
+    from panfoma.tokenization import PanFoMaGeneProcessor
+
+    path = str(model_name_or_path)
+    if is_preset_name(path):
+        processor = PanFoMaGeneProcessor()
+        config = PanFoMaConfig.from_preset(path, **processor.model_config_kwargs(), max_genes=processor.max_genes)
+        return config, processor
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"{path} is a file; pass the model folder (written by save_pretrained), a Hub id or a preset "
+                         "name (panfoma-tiny, panfoma-small, panfoma-base).")
+    processor = PanFoMaGeneProcessor.from_pretrained(path, **from_pretrained_kwargs)
+    config = AutoConfig.from_pretrained(path, **from_pretrained_kwargs)
+    processor.check_model_config(config)
+    return config, processor
+
+
+def random_init_model(config: Any, model_class: Any = None, seed: int = 0) -> torch.nn.Module:
+    """A randomly initialised PanFoMa model (default `PanFoMaModel`) of `config`, the same for the same `seed`.
+
+    The global torch random state is left as it was. Used for preset names and for the `panfoma_random_init`
+    control track of the evaluation (same config as the evaluated checkpoint, fresh weights).
+    """
+    from panfoma import PanFoMaModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return (model_class or PanFoMaModel)(config)
+
+
 def load_model_and_processor(
     model_name_or_path: str | os.PathLike,
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
+    *,
+    random_init: bool = False,
+    init_seed: int = 0,
     **from_pretrained_kwargs: Any,
 ):
     """Load a PanFoMa backbone and its gene processor from a folder or Hub id, checked to belong together.
 
     Args:
-        model_name_or_path: folder written by `save_pretrained` (pretraining, fine-tuning or backbone) or Hub id.
+        model_name_or_path: folder written by `save_pretrained` (pretraining, fine-tuning or backbone), Hub id, or a
+            preset name (`"panfoma-tiny"`, `"panfoma-small"`, `"panfoma-base"`: a randomly initialised model with the
+            default processor).
         device: where to put the model (default: CUDA when available, else CPU).
         dtype: parameter dtype (default float32; `torch.bfloat16` halves memory on GPUs).
+        random_init: keep the checkpoint's config and processor but initialise the weights at random (`init_seed`):
+            the random-init control of the evaluation.
+        init_seed: seed of the random initialisation (presets and `random_init=True`).
         **from_pretrained_kwargs: passed to `from_pretrained` of both (e.g. `revision`, `local_files_only`).
 
     Returns:
         `(model, processor)`: a `PanFoMaModel` in eval mode and a `PanFoMaGeneProcessor`.
+
+    Example:
+        >>> model, processor = load_model_and_processor("panfoma-tiny", device="cpu")
+        >>> type(model).__name__, model.config.hidden_size
+        ('PanFoMaModel', 64)
     """
     import panfoma
-    from transformers import AutoConfig, AutoModel
+    from transformers import AutoModel
 
-    from panfoma.tokenization import PanFoMaGeneProcessor
-
-    path = str(model_name_or_path)
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise ValueError(f"{path} is a file; pass the model folder (written by save_pretrained) or a Hub id.")
-    processor = PanFoMaGeneProcessor.from_pretrained(path, **from_pretrained_kwargs)
-    kwargs = dict(from_pretrained_kwargs)
-    if dtype is not None:
-        kwargs["dtype"] = dtype
-    config = AutoConfig.from_pretrained(path, **from_pretrained_kwargs)
-    processor.check_model_config(config)
-    # Load the checkpoint with the class it was saved from, so its head weights are expected (no "unexpected
-    # keys" report), then keep the backbone only.
-    architecture = (getattr(config, "architectures", None) or ["PanFoMaModel"])[0]
-    model_class = getattr(panfoma, architecture, None) if architecture.startswith("PanFoMa") else None
-    model = _backbone((model_class or AutoModel).from_pretrained(path, config=config, **kwargs))
+    config, processor = config_and_processor(model_name_or_path, **from_pretrained_kwargs)
+    if random_init or is_preset_name(model_name_or_path):
+        model = random_init_model(config, seed=init_seed)
+        if dtype is not None:
+            model.to(dtype)
+    else:
+        kwargs = dict(from_pretrained_kwargs)
+        if dtype is not None:
+            kwargs["dtype"] = dtype
+        # Load the checkpoint with the class it was saved from, so its head weights are expected (no "unexpected
+        # keys" report), then keep the backbone only.
+        architecture = (getattr(config, "architectures", None) or ["PanFoMaModel"])[0]
+        model_class = getattr(panfoma, architecture, None) if architecture.startswith("PanFoMa") else None
+        model = _backbone((model_class or AutoModel).from_pretrained(str(model_name_or_path), config=config,
+                                                                     **kwargs))
     model.to(resolve_device(device)).eval()
     return model, processor
 
@@ -249,8 +317,10 @@ def embed_adata(
         processor: the `PanFoMaGeneProcessor` saved with the model (checked against `model.config`).
         adata: AnnData (raw counts in `X` or in `layer`) or a numpy/scipy matrix (then give `gene_names`).
         batch_size: cells encoded and embedded at a time.
-        all_genes: use every expressed gene of each cell (overrides `max_genes`).
-        max_genes: most genes per cell (default: the processor's `max_genes`).
+        all_genes: use every expressed gene of each cell even when `max_genes` is given (the default already uses
+            every expressed gene).
+        max_genes: cap on the genes per cell (default None: every expressed gene; the processor's `max_genes` is
+            the pretraining sample size and is not used here).
         layer / gene_names: as in the processor (`adata.layers[layer]`, an `adata.var` column or a list of names).
         seed: per-cell gene-sampling seed (default: the processor's).
         device: move the model there first (default: leave the model where it is).
@@ -313,11 +383,8 @@ def _embed(model, processor, adata, *, batch_size, all_genes, max_genes, layer, 
                 " autocast" if autocast_dtype else "", precision)
     was_training = backbone.training
     backbone.eval()
-    call_kwargs: dict[str, Any] = {}
-    if all_genes:
-        call_kwargs["max_genes"] = None
-    elif max_genes is not None:
-        call_kwargs["max_genes"] = max_genes
+    # Inference sees every expressed gene unless a cap is asked for (random gene sampling is for pretraining).
+    call_kwargs: dict[str, Any] = {"max_genes": None if all_genes else max_genes}
     n_cells = adata.shape[0]
     embeddings: np.ndarray | None = None
     bar = tqdm(total=n_cells, desc="PanFoMa embed", unit="cell", disable=not progress)
@@ -340,7 +407,7 @@ def _embed(model, processor, adata, *, batch_size, all_genes, max_genes, layer, 
         raise ValueError("no cell was embedded (the input has no cells).")
     from panfoma import __version__
 
-    genes = call_kwargs.get("max_genes", processor.max_genes)
+    genes = call_kwargs["max_genes"]
     # Plain str/int/bool values only: the dict is written into .h5ad `uns`, which has no None.
     metadata = {
         "model": str(getattr(model.config, "_name_or_path", "") or ""),
