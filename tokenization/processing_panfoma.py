@@ -6,7 +6,8 @@ Pipeline for each call:
    and a match fraction below `min_match_fraction` is refused with an explanation;
 2. rows are read in chunks of `chunk_size` cells (backed `.h5ad` files included); a chunk is projected
    onto the vocabulary with one sparse product, which drops unmapped genes, sums genes that map to
-   the same token (in the input's scale: give counts when names repeat) and orders columns
+   the same token (in the linear scale: input that looks log-transformed is summed as
+   `log1p(sum(expm1(x)))`, so bins do not depend on normalize_total + log1p) and orders columns
    canonically (so the AnnData's column order never matters);
 3. each cell is binned, normalised and its genes selected by `encoding.encode_cells` (the routine the
    training collator also uses), then cells are padded.
@@ -22,6 +23,9 @@ Bad input, and what happens:
 * a transposed matrix (genes in `obs`): `ValueError` suggesting `adata.T`;
 * gene names that are not gene IDs (integers, placeholders) or too few matches: `ValueError` from the
   match report, naming the detected ID type;
+* mouse gene symbols (title case, `Cd3e`): `ValueError` (never mapped onto human genes by upper-casing);
+* Cell Ranger multi-genome names (`GRCh38_CD3E`, `hg19_CD3E`, `mm10___Cd3e`): the human genes are mapped, the
+  other species' genes dropped and reported in the match report;
 * an empty AnnData (0 cells or 0 genes): `ValueError`;
 * a model trained with another vocabulary: `check_model_config` raises `ValueError`;
 * values that look log-transformed while `return_raw_values=True`: logged warning (bins are not
@@ -58,6 +62,31 @@ _HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revi
 
 def _is_anndata(obj: object) -> bool:
     return type(obj).__name__ == "AnnData" and hasattr(obj, "var_names") and hasattr(obj, "obs_names")
+
+
+def _sum_into_tokens(block: sp.csr_matrix, projection: sp.csr_matrix, log_scale: bool) -> sp.csr_matrix:
+    """`block @ projection` (cells x tokens): drops unmapped genes and sums the genes that map to one token.
+
+    Log-transformed input (`log_scale`) is summed in the linear scale, `log1p(sum(expm1(x)))`, so that the bins of
+    `normalize_total` + `log1p` input stay those of the counts when names repeat (a log-scale sum is the log of a
+    product). Only the tokens with several genes are recomputed; the others keep their values bit for bit.
+    """
+    projected = (block @ projection).tocsr()
+    if not log_scale:
+        return projected
+    shared = np.flatnonzero(np.diff(projection.tocsc().indptr) > 1)  # tokens fed by >= 2 genes
+    if shared.size == 0:
+        return projected
+    keep = np.ones(projection.shape[1])
+    keep[shared] = 0.0
+    linear = block.copy()
+    linear.data = np.expm1(linear.data)
+    summed = (linear @ projection[:, shared]).tocsr()
+    summed.data = np.log1p(summed.data)
+    # (cells x tokens): the single-gene tokens as they were, plus the shared tokens summed in the linear scale.
+    widen = sp.csr_matrix((np.ones(shared.size), (np.arange(shared.size), shared)),
+                          shape=(shared.size, projection.shape[1]))
+    return (projected @ sp.diags(keep) + summed @ widen).tocsr()
 
 
 class PanFoMaGeneProcessor(ValueIdsMixin, FeatureExtractionMixin):
@@ -423,6 +452,7 @@ class PanFoMaGeneProcessor(ValueIdsMixin, FeatureExtractionMixin):
             raise ValueError(f"batch_size/chunk_size must be a positive integer, got {chunk_size!r}.")
         matrix, names, adata = self._resolve_input(data, gene_names, layer)
         mapping = self.map_genes(names, adata)
+        has_duplicates = mapping.report.n_duplicates_after_mapping > 0
         n_cells = matrix.shape[0]
         # Projection (n_vars x n_tokens_present): drops unmapped columns, sums duplicates, sorts by token id.
         mapped_cols = np.flatnonzero(mapping.ids >= 0)
@@ -432,20 +462,22 @@ class PanFoMaGeneProcessor(ValueIdsMixin, FeatureExtractionMixin):
         )
         zero_pool = tokens if self.include_zero_genes else None
         show = progress if progress is not None else n_cells > 20 * chunk_size
-        checked_log_scale = not return_raw_values
+        log_scale = None  # decided on the first chunk with values, then kept for the whole input
         for start in tqdm(range(0, n_cells, chunk_size), desc="PanFoMa processor", unit="chunk", disable=not show):
             stop = min(start + chunk_size, n_cells)
             block = self._read_rows(matrix, start, stop)
             self._validate_block(block, start, names)
-            if not checked_log_scale and block.nnz:
-                checked_log_scale = True
-                if block.data.max() < 30 and np.any(block.data != np.round(block.data)):
+            if log_scale is None and block.nnz:
+                from panfoma.training.eval_metrics import _looks_log_transformed  # the package's one heuristic
+
+                log_scale = _looks_log_transformed(block)
+                if log_scale and return_raw_values:
                     logger.warning(
                         "the expression values look log-transformed (all < 30, non-integer); bins are unaffected, "
                         "but raw_values assume counts: pass layer='counts' for a raw-count layer."
                     )
             # (cells in chunk) x (tokens present); the product already sums duplicate genes, rows only need sorting.
-            projected = (block @ projection).tocsr()
+            projected = _sum_into_tokens(block, projection, log_scale=bool(log_scale) and has_duplicates)
             projected.eliminate_zeros()
             projected.sort_indices()
             row_index = np.arange(start, stop)

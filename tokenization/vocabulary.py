@@ -19,6 +19,18 @@ Standardisation rules (`PanFoMaGeneVocab.standardize`), in order of precedence f
    guessing would silently misassign expression.
 
 An approved symbol therefore always wins over somebody else's alias or previous symbol.
+
+Two kinds of input are recognised before these rules, so that they are never mapped silently:
+
+* **Cell Ranger multi-genome names** (`hg19_CD3E`, `GRCh38_CD3E`, Seurat's `GRCh38-CD3E`, and in mixed-species
+  "barnyard" data `mm10___Cd3e`): when most names carry a genome prefix (`GENOME_PREFIXES`), the prefix of a human
+  genome is stripped and the rest mapped by the rules above; names of another genome are dropped and counted
+  (`GeneMappingReport.genome_prefixes`, `n_other_species`). The match fraction is then computed over the human
+  names only.
+* **Mouse gene symbols**: mouse (MGI) symbols are title case (`Cd3e`, `Actb`), human ones upper case. Upper-casing a
+  mouse symbol is not an orthology mapping (many genes differ), so when most symbols are title case the names are
+  reported as mouse (`detected_species`), none of them is mapped, and `GeneMappingReport.check` refuses with the
+  fix (map to human orthologs first, or upper-case names that really are human).
 """
 
 from __future__ import annotations
@@ -55,6 +67,19 @@ _ENSEMBL_HUMAN = re.compile(r"^(ENSG\d{11})(\.\d+)?$")
 # Any species' Ensembl gene ID (ENSMUSG..., ENSDARG...): recognised only to give a precise error.
 _ENSEMBL_ANY = re.compile(r"^ENS[A-Z]*G\d{11}(\.\d+)?$")
 _INTEGER = re.compile(r"^[+-]?\d+$")
+#: Genome builds whose Cell Ranger multi-genome prefix (`GRCh38_CD3E`, `mm10___Cd3e`, Seurat: `GRCh38-CD3E`) is
+#: recognised, and which of them are human.
+HUMAN_GENOMES = ("GRCh38", "GRCh37", "hg38", "hg19")
+OTHER_GENOMES = ("GRCm39", "GRCm38", "mm39", "mm10", "mm9", "mRatBN7", "Rnor6", "rn7", "rn6", "GRCz11", "danRer11",
+                 "danRer10", "BDGP6", "dm6", "WBcel235", "ce11", "R64", "sacCer3", "Mmul10", "macFas5", "GRCg6a",
+                 "galGal6", "Sscrofa11", "susScr11", "ARS-UCD1", "bosTau9", "CanFam3", "canFam3")
+GENOME_PREFIXES = HUMAN_GENOMES + OTHER_GENOMES
+_GENOME_PREFIX = re.compile(r"^(" + "|".join(re.escape(g) for g in GENOME_PREFIXES) + r")(?:_+|-+)(.+)$", re.IGNORECASE)
+_CANONICAL_GENOME = {g.lower(): g for g in GENOME_PREFIXES}
+# Mouse (MGI) symbols: an upper-case letter, then lower-case letters and digits ("Cd3e", "Gm12345"); human
+# open-reading-frame symbols ("C1orf112") look alike and are excluded.
+_MOUSE_STYLE = re.compile(r"^[A-Z](?=[a-z0-9-]*[a-z])[a-z0-9.-]+$")
+_HUMAN_ORF = re.compile(r"^C\d+orf\d+$|^C[XY]orf\d+$")
 _PLACEHOLDERS = frozenset({"", "nan", "na", "n/a", "none", "null", "-", "<na>"})
 
 # How each input name was resolved (values of `GeneMapping.sources`).
@@ -65,6 +90,7 @@ SOURCE_ALIAS = "alias"
 SOURCE_AMBIGUOUS = "ambiguous"
 SOURCE_INVALID = "invalid"
 SOURCE_UNMAPPED = "unmapped"
+SOURCE_OTHER_SPECIES = "other_species"
 
 
 @dataclass
@@ -72,7 +98,8 @@ class GeneMappingReport:
     """Counts describing how a list of gene names mapped onto the vocabulary.
 
     `n_matched = n_direct + n_via_ensembl + n_via_alias_or_previous`; every input is exactly one of
-    matched, ambiguous, invalid (placeholder or integer) or unmapped.
+    matched, ambiguous, invalid (placeholder or integer), unmapped or other species (`n_other_species`: a
+    non-human Cell Ranger genome prefix, or mouse-style symbols; see the module docstring).
     """
 
     n_input: int
@@ -88,11 +115,25 @@ class GeneMappingReport:
     n_integer_names: int = 0
     n_non_human_ensembl: int = 0
     examples_unmapped: list[str] = field(default_factory=list)
+    n_other_species: int = 0
+    detected_species: str = "human"
+    genome_prefixes: dict[str, int] = field(default_factory=dict)
+    examples_other_species: list[str] = field(default_factory=list)
+
+    @property
+    def n_other_genome(self) -> int:
+        """Names carrying a non-human Cell Ranger genome prefix (`mm10___Cd3e`): dropped, and not counted as input."""
+        return sum(n for genome, n in self.genome_prefixes.items() if genome not in HUMAN_GENOMES)
 
     @property
     def match_fraction(self) -> float:
-        """Fraction of input names that mapped to a vocabulary gene (0 for an empty input)."""
-        return self.n_matched / self.n_input if self.n_input else 0.0
+        """Fraction of the input names that mapped to a vocabulary gene (0 for an empty input).
+
+        Names of another genome in Cell Ranger multi-genome data are left out of the denominator: a barnyard
+        experiment is judged on its human genes.
+        """
+        n_human = self.n_input - self.n_other_genome
+        return self.n_matched / n_human if n_human > 0 else 0.0
 
     def __str__(self) -> str:
         lines = [
@@ -103,6 +144,15 @@ class GeneMappingReport:
             f" {self.n_unmapped} unknown",
             f"  duplicates after mapping (summed): {self.n_duplicates_after_mapping}",
         ]
+        if self.genome_prefixes:
+            lines.append("  Cell Ranger genome prefixes: " + ", ".join(
+                f"{genome} {n} ({'human: prefix stripped' if genome in HUMAN_GENOMES else 'another species: dropped'})"
+                for genome, n in self.genome_prefixes.items()))
+        if self.n_other_species:
+            lines.append(f"  other species (not mapped): {self.n_other_species}"
+                         + (f", e.g. {', '.join(self.examples_other_species)}" if self.examples_other_species else ""))
+        if self.detected_species != "human":
+            lines.append(f"  detected species: {self.detected_species}")
         if self.examples_unmapped:
             lines.append(f"  e.g. unmapped: {', '.join(self.examples_unmapped)}")
         return "\n".join(lines)
@@ -115,6 +165,16 @@ class GeneMappingReport:
         """
         if not 0.0 <= min_match_fraction <= 1.0:
             raise ValueError(f"min_match_fraction must be in [0, 1], got {min_match_fraction}.")
+        if self.detected_species == "mouse":
+            examples = ", ".join(repr(n) for n in self.examples_other_species[:3])
+            raise ValueError(
+                f"the gene names look like mouse genes: {self.n_other_species} of {self.n_input} are title-case symbols "
+                f"({examples}), as mouse (MGI) symbols are. PanFoMa's vocabulary is human (HGNC), and upper-casing a "
+                "mouse symbol is not an orthology mapping, so none was mapped. Map the genes to their human orthologs "
+                "first (e.g. Ensembl BioMart or the HGNC HCOP mouse-human table) and pass the human symbols; if these "
+                "are human genes written in title case, upper-case them first "
+                "(adata.var_names = adata.var_names.str.upper())."
+            )
         if self.match_fraction >= min_match_fraction and self.n_matched > 0:
             return self
         if self.n_input == 0:
@@ -122,6 +182,9 @@ class GeneMappingReport:
         elif self.n_integer_names > 0.5 * self.n_input:
             hint = ("most names are integers, probably a default index: set `adata.var_names` to gene symbols "
                     "or Ensembl IDs (e.g. `adata.var_names = adata.var['gene_symbols']`).")
+        elif self.genome_prefixes and self.n_other_genome == self.n_input:
+            hint = (f"every name carries the prefix of a non-human genome ({', '.join(self.genome_prefixes)}); the "
+                    "vocabulary is human (HGNC) only.")
         elif self.n_non_human_ensembl > 0.5 * self.n_input:
             hint = "these are non-human Ensembl IDs (e.g. ENSMUSG...); the vocabulary is human (HGNC) only."
         else:
@@ -145,7 +208,7 @@ class GeneMapping:
         symbols: approved HGNC symbol per input name, or `None` when it did not map.
         ids: `np.int64` token id per input name, `-1` when it did not map.
         sources: how each name was resolved ("direct", "ensembl", "previous", "alias", "ambiguous",
-            "invalid" or "unmapped").
+            "invalid", "unmapped" or "other_species").
         report: summary counts (`GeneMappingReport`).
     """
 
@@ -391,6 +454,12 @@ class PanFoMaGeneVocab:
         ids = np.full(len(names), -1, dtype=np.int64)
         sources: list[str] = []
         n_integer = n_ensembl_like = n_ensembl_other = n_text = 0
+        # Cell Ranger multi-genome names: only when most names carry a genome prefix (never a lone look-alike).
+        n_strings = sum(1 for name in names if isinstance(name, str))
+        prefixed = sum(1 for name in names if isinstance(name, str) and _GENOME_PREFIX.match(name.strip()))
+        strip_genome = n_strings > 0 and prefixed >= 0.5 * n_strings
+        genome_counts: dict[str, int] = {}
+        text_positions: list[int] = []  # symbols (not Ensembl IDs) kept for the species check
         for i, name in enumerate(names):
             if _is_placeholder(name):
                 sources.append(SOURCE_INVALID)
@@ -409,6 +478,13 @@ class PanFoMaGeneVocab:
                     sources.append(SOURCE_INVALID)
                     continue
             name = name.strip()
+            other_genome = False
+            if strip_genome:
+                prefix = _GENOME_PREFIX.match(name)
+                if prefix:
+                    genome = _CANONICAL_GENOME[prefix.group(1).lower()]
+                    genome_counts[genome] = genome_counts.get(genome, 0) + 1
+                    name, other_genome = prefix.group(2), genome not in HUMAN_GENOMES
             upper = name.upper()
             if _ENSEMBL_ANY.match(upper):
                 n_ensembl_like += 1
@@ -416,15 +492,36 @@ class PanFoMaGeneVocab:
                     n_ensembl_other += 1
             else:
                 n_text += 1
+                if not other_genome:
+                    text_positions.append(i)
+            if other_genome:
+                sources.append(SOURCE_OTHER_SPECIES)
+                continue
             token_id, source = self._resolve(name)
             ids[i] = token_id
             sources.append(source)
 
+        species = "human"
+        mouse_style = [i for i in text_positions if _MOUSE_STYLE.match(str(names[i]).strip())
+                       and not _HUMAN_ORF.match(str(names[i]).strip())]
+        if len(text_positions) >= 5 and len(mouse_style) > 0.5 * len(text_positions):
+            # Mouse symbols would match human genes case-insensitively; refuse instead of mapping them silently.
+            species = "mouse"
+            logger.warning(
+                "%d of %d gene names are title case (e.g. %r), as in mouse data; PanFoMa's vocabulary is human, so "
+                "they are not mapped (see GeneMappingReport.check).", len(mouse_style), len(text_positions),
+                names[mouse_style[0]],
+            )
+            for i in text_positions:
+                ids[i] = -1
+                sources[i] = SOURCE_OTHER_SPECIES
+        elif genome_counts and any(g not in HUMAN_GENOMES for g in genome_counts):
+            species = "mixed" if any(g in HUMAN_GENOMES for g in genome_counts) else "other"
         symbols = [self.tokens[t] if t >= 0 else None for t in ids]
         mapped = ids[ids >= 0]
         n_dup = int(mapped.size - np.unique(mapped).size)
         counts = {s: 0 for s in (SOURCE_DIRECT, SOURCE_ENSEMBL, SOURCE_PREVIOUS, SOURCE_ALIAS, SOURCE_AMBIGUOUS,
-                                 SOURCE_INVALID, SOURCE_UNMAPPED)}
+                                 SOURCE_INVALID, SOURCE_UNMAPPED, SOURCE_OTHER_SPECIES)}
         for s in sources:
             counts[s] += 1
         n_valid = n_ensembl_like + n_text
@@ -452,16 +549,13 @@ class PanFoMaGeneVocab:
             n_integer_names=n_integer,
             n_non_human_ensembl=n_ensembl_other,
             examples_unmapped=examples,
+            n_other_species=counts[SOURCE_OTHER_SPECIES],
+            detected_species=species,
+            genome_prefixes=genome_counts,
+            examples_other_species=[str(n) for n, s in zip(names, sources) if s == SOURCE_OTHER_SPECIES][:5],
         )
-        if detected == "symbol" and n_text >= 20:
-            # Mouse data written in title case ("Actb") would map case-insensitively onto human genes.
-            titled = sum(1 for n in names if isinstance(n, str) and len(n) > 1 and n[0].isupper()
-                         and n[1:].islower())
-            if titled > 0.5 * n_text:
-                logger.warning(
-                    "%d of %d gene names are title case (e.g. 'Actb'), as in mouse data; PanFoMa's "
-                    "vocabulary is human, and they are matched case-insensitively.", titled, n_text,
-                )
+        if genome_counts:
+            logger.info("Cell Ranger multi-genome gene names: %s", ", ".join(f"{g} {n}" for g, n in genome_counts.items()))
         return GeneMapping(symbols=symbols, ids=ids, sources=sources, report=report)
 
 

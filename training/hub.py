@@ -23,6 +23,7 @@ import fnmatch
 import json
 import logging
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -75,6 +76,53 @@ def _check_model_folder(folder: Path) -> dict:
         hint = f" Found {found}: re-save with model.save_pretrained(folder) to get safetensors." if found else ""
         raise ValueError(f"{folder} has no {' or '.join(WEIGHT_FILES)}.{hint}")
     return config
+
+
+#: A name that looks like a size preset (panfoma-tiny/-small/-base, or a made-up panfoma-large): never a checkpoint.
+_PRESET_LIKE = re.compile(r"^panfoma[-_][A-Za-z0-9._-]*$", re.IGNORECASE)
+NO_PUBLISHED_WEIGHTS = (
+    "no pretrained PanFoMa weights are published (on the Hub or elsewhere): {name!r} names a size preset, not a "
+    "checkpoint. Make a model first: `panfoma pretrain --config {preset} --dataset BENCH --output-dir runs/model` "
+    "(in Python: `PanFoMaForPreTraining(PanFoMaConfig.from_preset({preset!r}, ...))`), then pass that folder"
+)
+
+
+def check_pretrained_reference(model_name_or_path: str | os.PathLike, flag: str = "model") -> None:
+    """Refuse, before any network access, a model reference that cannot hold pretrained weights.
+
+    A local folder must hold a saved model (`config.json`); a name that is not a folder must be a Hub id
+    (`namespace/name`). A preset-like name (`panfoma-base`) with no such folder gets the fix (no weights are
+    published: pretrain a model), not 20 s of Hub retries and a network error. `flag` names the argument in messages
+    (`model` for a positional, `--model` for an option). Raises `FileNotFoundError` or `ValueError`.
+
+    Example:
+        >>> try:
+        ...     check_pretrained_reference("panfoma-base")
+        ... except FileNotFoundError as error:
+        ...     print(str(error).startswith("no pretrained PanFoMa weights are published"))
+        True
+    """
+    path = Path(os.path.expanduser(str(model_name_or_path)))
+    text = str(model_name_or_path)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ValueError(f"{flag} {text}: the folder has no config.json, so it is not a saved model; pass the "
+                             "output folder of `panfoma pretrain` or `panfoma finetune` (or of model.save_pretrained)")
+        return
+    if path.exists():
+        raise ValueError(f"{flag} {text} is a file; pass the model folder (the output folder of `panfoma pretrain` "
+                         "or `panfoma finetune`)")
+    if _PRESET_LIKE.match(text):
+        preset = text.lower() if text.lower() in ("panfoma-tiny", "panfoma-small", "panfoma-base") else "panfoma-small"
+        raise FileNotFoundError(NO_PUBLISHED_WEIGHTS.format(name=text, preset=preset) + f" as {flag}.")
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    looks_like_path = (text.startswith((".", "/", "~")) or "\\" in text or text.endswith("/") or text.count("/") != 1
+                       or offline)
+    if looks_like_path:
+        raise FileNotFoundError(
+            f"{flag} {text}: no such folder" + (" (and it is not a Hub id 'namespace/name')" if not offline else
+                                                " (HF_HUB_OFFLINE is set, so Hub ids are not tried)")
+            + "; pass the output folder of `panfoma pretrain` or `panfoma finetune`")
 
 
 def push_model_to_hub(
@@ -282,4 +330,4 @@ def run_push(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["push_model_to_hub", "push_dataset_to_hub", "add_push_arguments", "run_push"]
+__all__ = ["push_model_to_hub", "push_dataset_to_hub", "add_push_arguments", "run_push", "check_pretrained_reference"]
