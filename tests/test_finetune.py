@@ -74,22 +74,86 @@ def test_patient_split_keeps_patients_apart_and_cell_split_stratifies(tiny):
         prepare_splits(dataset_dict, "patient")
 
 
-def test_finetune_on_real_pbmc_data_saves_a_labelled_classifier(shared_data, tmp_path, tiny):
+def _in_memory_splits(patients_per_split, n=12, seed=0):
+    """A DatasetDict whose `idx` restarts at 0 in every split (as separate builds would write it)."""
+    import datasets
+
+    rng = np.random.default_rng(seed)
+    features = datasets.Features({
+        "idx": datasets.Value("int64"), "gene_ids": datasets.List(datasets.Value("int32")),
+        "counts": datasets.List(datasets.Value("float32")), "patient": datasets.Value("string"),
+        "cell_type": datasets.ClassLabel(names=CELL_TYPES),
+    })
+    splits = {}
+    for split, patients in patients_per_split.items():
+        splits[split] = datasets.Dataset.from_dict({
+            "idx": list(range(n)), "gene_ids": [sorted(rng.choice(np.arange(4, 200), 10, replace=False).tolist())
+                                                for _ in range(n)],
+            "counts": [[1.0] * 10] * n, "patient": [patients[i % len(patients)] for i in range(n)],
+            "cell_type": [i % 3 for i in range(n)],
+        }, features=features)
+    return datasets.DatasetDict(splits)
+
+
+def test_single_donor_data_fall_back_to_a_stratified_cell_split_with_unique_idx(caplog):
+    single = _in_memory_splits({"train": ["donor1"]}, n=30)
+    with caplog.at_level("WARNING", logger="panfoma.training.finetune"):
+        splits, _ = prepare_splits(single, "cell_type", "dataset", seed=0)
+    assert "single donor" in caplog.text and "split_by='cell'" in caplog.text
+    assert [len(splits[s]) for s in ("train", "validation", "test")] == [20, 5, 5]
+    assert set(splits["test"]["cell_type"]) == {0, 1, 2}  # stratified
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="panfoma.training.finetune"):
+        prepare_splits(single, "cell_type", "patient", seed=0)
+    assert "single donor" in caplog.text
+    # Several donors: no silent fallback, the group split is required.
+    with pytest.raises(ValueError, match="needs train and validation splits"):
+        prepare_splits(_in_memory_splits({"train": ["a", "b", "c"]}), "cell_type", "dataset")
+    # Concatenated splits whose idx restarts at 0: renumbered, so no two cells share a random stream.
+    several = _in_memory_splits({"train": ["a", "b"], "validation": ["c"], "test": ["d", "e"]})
+    splits, _ = prepare_splits(several, "cell_type", "patient", seed=0)
+    idx = np.concatenate([splits[s]["idx"] for s in ("train", "validation", "test")])
+    assert idx.size == 36 and np.unique(idx).size == 36
+
+
+def test_finetune_on_real_single_donor_pbmc_reports_the_saved_models_test_metrics(shared_data, tmp_path, tiny):
+    import torch
     from transformers import AutoModelForSequenceClassification
 
+    from panfoma.tokenization import PanFoMaDataCollator, PanFoMaGeneProcessor
     from panfoma.training.bench import PanFoMaBenchQCConfig, PanFoMaBenchStudy, build_bench
+    from panfoma.training.eval_metrics import classification_metrics
+    from panfoma.training.finetune import _load_dataset_dict
 
     study = PanFoMaBenchStudy(name="pbmc", path=str(shared_data / "pbmc" / "pbmc68k_reduced_counts.h5ad"),
                               cancer_type="healthy", tissue="blood", cell_type_column="cell_type")
     bench = build_bench([study], tmp_path / "pbmc_bench", qc=PanFoMaBenchQCConfig(min_genes=50))
-    result = finetune(tiny[1], bench, tmp_path / "classifier", split_by="cell", max_steps=4,
-                      per_device_train_batch_size=16, per_device_eval_batch_size=64, progress=False)
+    # One donor: the default split_by="dataset" falls back to a stratified cell split.
+    result = finetune(tiny[1], bench, tmp_path / "classifier", max_steps=4, per_device_train_batch_size=16,
+                      per_device_eval_batch_size=64, progress=False)
     assert len(result.label_names) == 10 and "Dendritic" in result.label_names
-    for metrics in (result.validation_metrics, result.test_metrics):
-        assert 0.0 <= metrics["accuracy"] <= 1.0 and 0.0 <= metrics["macro_f1"] <= 1.0
-    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "classifier")
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "classifier").eval()
     assert model.config.id2label[9] == result.label_names[9] and model.config.num_labels == 10
+    # The reported test metrics are those of the saved model on the held-out cells (every expressed gene).
+    splits, _ = prepare_splits(_load_dataset_dict(bench), "cell_type", "cell", seed=0)
+    processor = PanFoMaGeneProcessor.from_pretrained(tmp_path / "classifier")
+    batch = PanFoMaDataCollator(processor, mlm=False, label_column="cell_type", max_genes=None)(list(splits["test"]))
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], values=batch["values"],
+                       attention_mask=batch["attention_mask"]).logits
+    expected = classification_metrics(batch["labels"].numpy(), logits.argmax(-1).numpy())
+    assert result.test_metrics["accuracy"] == pytest.approx(expected["accuracy"])
+    assert result.test_metrics["macro_f1"] == pytest.approx(expected["macro_f1"])
     card = (tmp_path / "classifier" / "README.md").read_text()
     assert "model-index" in card and "macro_f1" in card
-    with pytest.raises(ValueError, match="needs train and validation splits"):
-        finetune(tiny[1], bench, tmp_path / "x", split_by="dataset")
+
+
+def test_a_preset_name_fine_tunes_a_random_init_model(tiny, tmp_path):
+    from panfoma.training.finetune import load_classifier
+
+    model, processor = load_classifier("panfoma-tiny", CELL_TYPES, seed=0)
+    again, _ = load_classifier("panfoma-tiny", CELL_TYPES, seed=0)
+    assert model.config.id2label == dict(enumerate(CELL_TYPES)) and model.config.num_labels == 3
+    assert model.config.hidden_size == 64 and model.config.vocab_size == processor.vocab_size
+    for (name, a), b in zip(model.state_dict().items(), again.state_dict().values()):
+        assert a.equal(b), name  # the same seed gives the same initial weights, head included

@@ -16,6 +16,8 @@ Steps (all outputs in `output_dir`, default `panfoma-demo/`):
    PBMC comes from one donor, so its split is a stratified split of cells (within-donor annotation); the
    synthetic cohort is split by patient.
 5. **Baseline** on the same split: PCA (50 components) of log-normalised counts + logistic regression.
+   Every score (fine-tuned, linear probe, baseline) is `eval_metrics.classification_metrics`: the one
+   accuracy and macro-F1 (over the classes present in the test labels) of `finetune` and `evaluate`.
 6. **Embeddings** of every cell -> `embeddings.h5ad` (`obsm["X_panfoma"]`) and a UMAP plot
    `umap.png` (PCA when umap-learn is missing), plus `summary.json`.
 
@@ -36,6 +38,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+
+from .eval_metrics import classification_metrics  # the one accuracy / macro-F1, as finetune and evaluate
 
 logger = logging.getLogger(__name__)
 
@@ -164,7 +168,6 @@ def pca_logreg_baseline(train_counts, train_labels, test_counts, test_labels, n_
     """PCA of log-normalised counts (fit on train) + logistic regression: accuracy and macro-F1 on test."""
     from sklearn.decomposition import PCA
     from sklearn.linear_model import LogisticRegression
-    from sklearn.metrics import accuracy_score, f1_score
     from sklearn.preprocessing import StandardScaler
 
     def lognorm(x):
@@ -176,8 +179,7 @@ def pca_logreg_baseline(train_counts, train_labels, test_counts, test_labels, n_
     pca = PCA(n_components=min(n_components, *train.shape), random_state=seed).fit(scaler.transform(train))
     clf = LogisticRegression(max_iter=2000).fit(pca.transform(scaler.transform(train)), train_labels)
     predicted = clf.predict(pca.transform(scaler.transform(test)))
-    return {"accuracy": float(accuracy_score(test_labels, predicted)),
-            "macro_f1": float(f1_score(test_labels, predicted, average="macro", zero_division=0))}
+    return classification_metrics(test_labels, predicted)
 
 
 def _dataset_counts(split, n_tokens: int):
@@ -248,7 +250,6 @@ def run_demo(output_dir: str | os.PathLike = "panfoma-demo", *, size: str = "def
     import anndata as ad
     import torch
     from sklearn.linear_model import LogisticRegression
-    from sklearn.metrics import accuracy_score, f1_score
 
     from .bench import PanFoMaBenchQCConfig, PanFoMaBenchStudy, build_bench
     from .embed import embed_adata, load_model_and_processor
@@ -330,8 +331,7 @@ def run_demo(output_dir: str | os.PathLike = "panfoma-demo", *, size: str = "def
     test_rows = [index[c.split(":", 1)[-1]] for c in splits["test"]["cell_id"]]
     probe = LogisticRegression(max_iter=2000).fit(embedding[train_rows], train_y)
     probe_pred = probe.predict(embedding[test_rows])
-    linear_probe = {"accuracy": float(accuracy_score(test_y, probe_pred)),
-                    "macro_f1": float(f1_score(test_y, probe_pred, average="macro", zero_division=0))}
+    linear_probe = classification_metrics(test_y, probe_pred)
     plot_path: Path | None = out / "umap.png"
     try:
         method = _plot(embedding, cells.obs["cell_type"].astype(str), plot_path,

@@ -26,8 +26,22 @@ Choices:
   (scikit-learn `GroupShuffleSplit`); `"cell"` is a stratified random split of cells, only honest when the
   data come from one donor (e.g. the PBMC demo); it is logged as such. The model is selected on the
   validation split (best macro-F1, early stopping); the test split is only scored at the end.
+  A dataset from a single donor cannot be split by patient: `"dataset"` (whose builder then put every cell in
+  `train`) and `"patient"` fall back to `"cell"` with a warning. When splits are concatenated and re-split, `idx`
+  (which seeds the collator's per-cell randomness) is renumbered if it repeats across the original splits.
 * Cells whose label is `"unknown"` (the builder's value for missing labels) are left out.
-* **Metrics**: accuracy and macro-F1 from scikit-learn (no `evaluate.load`, which needs the network).
+* **Genes**: every expressed gene of each cell by default (`max_genes=None`); a cap is applied by the data
+  collator (random sampling is for pretraining, the paper's recipe).
+* **Optimiser**: AdamW through `PanFoMaTrainer`, whose parameter groups come from
+  `panfoma.training.optim.parameter_groups` (the one weight-decay policy, shared with pretraining), with an
+  optional separate `head_learning_rate` for the classifier head and the input embeddings; Trainer's own
+  linear warmup/decay schedule applies to every group.
+* **Defaults** of the recipe (learning rates, epochs, batch size, early stopping, genes) are the `DEFAULT_*`
+  constants below, read by `finetune()`, `panfoma finetune` and the evaluation's fine-tuned track alike.
+* The model argument may be a checkpoint folder, a Hub id or a preset name (`"panfoma-small"`: a randomly
+  initialised backbone with the default processor).
+* **Metrics**: accuracy and macro-F1 from `panfoma.training.eval_metrics.classification_metrics` (the one
+  definition: macro-F1 over the classes present in the true labels).
 * The saved folder holds the model with `id2label`, the processor and a generated model card with the
   test metrics in `model-index`.
 """
@@ -43,15 +57,35 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+from transformers import Trainer
+
+from .optim import parameter_groups
 
 logger = logging.getLogger(__name__)
 
 SPLIT_MODES = ("dataset", "patient", "cell")
 UNKNOWN_LABEL = "unknown"
 
+# The fine-tuning recipe: change a default here and `finetune()`, `panfoma finetune` and the evaluation's
+# fine-tuned track (`evaluation.model_finetune_fn`) all follow.
+#: Peak AdamW learning rate of the backbone (encoder, decoder, their norms).
+DEFAULT_LEARNING_RATE = 1e-4
+#: Peak learning rate of the classifier head and the input embeddings; None = `learning_rate` for everything.
+DEFAULT_HEAD_LEARNING_RATE: float | None = None
+DEFAULT_WEIGHT_DECAY = 0.01
+#: Fraction of the optimiser steps spent in linear warmup.
+DEFAULT_WARMUP_RATIO = 0.1
+DEFAULT_NUM_TRAIN_EPOCHS = 10.0
+DEFAULT_TRAIN_BATCH_SIZE = 16
+DEFAULT_EVAL_BATCH_SIZE = 32
+#: Evaluations without a better validation macro-F1 before training stops (None: no early stopping).
+DEFAULT_EARLY_STOPPING_PATIENCE: int | None = 3
+#: Genes per cell while fine-tuning; None = every expressed gene.
+DEFAULT_MAX_GENES: int | None = None
+
 
 def compute_classification_metrics(eval_pred) -> dict[str, float]:
-    """`compute_metrics` for `Trainer`: accuracy and macro-F1 (scikit-learn); labels `-100` are ignored.
+    """`compute_metrics` for `Trainer`: `eval_metrics.classification_metrics` on argmax predictions; `-100` ignored.
 
     Example:
         >>> import numpy as np
@@ -59,16 +93,14 @@ def compute_classification_metrics(eval_pred) -> dict[str, float]:
         >>> compute_classification_metrics((logits, np.array([0, 1, 1])))["accuracy"]
         0.6666666666666666
     """
-    from sklearn.metrics import accuracy_score, f1_score
+    from .eval_metrics import classification_metrics
 
     logits, labels = eval_pred[0], eval_pred[1]
     logits = logits[0] if isinstance(logits, tuple) else logits
     predictions = np.asarray(logits).argmax(axis=-1)
     labels = np.asarray(labels)
     keep = labels != -100
-    y_true, y_pred = labels[keep], predictions[keep]
-    return {"accuracy": float(accuracy_score(y_true, y_pred)),
-            "macro_f1": float(f1_score(y_true, y_pred, average="macro", zero_division=0))}
+    return classification_metrics(labels[keep], predictions[keep])
 
 
 def _label_names(dataset, label_column: str) -> list[str]:
@@ -84,10 +116,36 @@ def _label_names(dataset, label_column: str) -> list[str]:
     return list(feature.names)
 
 
+def _n_patients(datasets_: Sequence, patient_column: str) -> int | None:
+    """Distinct values of `patient_column` over `datasets_` (None when the column is missing)."""
+    if any(patient_column not in ds.column_names for ds in datasets_):
+        return None
+    return len(set().union(*(set(ds.unique(patient_column)) for ds in datasets_)))
+
+
+def _with_unique_idx(dataset):
+    """`dataset` with a unique `idx` (renumbered 0..n-1 when values repeat, e.g. after concatenating splits).
+
+    The data collator seeds each cell's randomness from `(seed, epoch, idx)`: repeated `idx` values would give
+    different cells the same gene sample and mask stream.
+    """
+    if "idx" not in dataset.column_names:
+        return dataset
+    idx = np.asarray(dataset["idx"])
+    if np.unique(idx).size == idx.size:
+        return dataset
+    logger.info("idx repeats after concatenating splits (%d values for %d cells): renumbered 0..%d",
+                np.unique(idx).size, idx.size, idx.size - 1)
+    return dataset.remove_columns("idx").add_column("idx", np.arange(idx.size, dtype=np.int64))
+
+
 def prepare_splits(dataset_dict, label_column: str = "cell_type", split_by: str = "dataset",
                    patient_column: str = "patient", fractions: Sequence[float] = (0.7, 0.15, 0.15),
                    seed: int = 0) -> tuple[dict, list[str]]:
     """Train/validation/test `datasets.Dataset`s and the label names, per `split_by` (see module docstring).
+
+    Owns the split rule of fine-tuning: the single-donor fallback to a stratified cell split and unique `idx`
+    after re-splitting.
 
     Returns `({"train": ..., "validation": ..., "test": ... or None}, label_names)`.
     """
@@ -111,30 +169,43 @@ def prepare_splits(dataset_dict, label_column: str = "cell_type", split_by: str 
             logger.info("left out %d cells labelled %r", len(ds) - len(kept), UNKNOWN_LABEL)
         return kept
 
+    def single_donor_fallback(reason: str) -> str:
+        logger.warning("%s: the data come from a single donor (%r has one value), so no split can keep donors apart; "
+                       "falling back to split_by='cell' (stratified cells). This measures within-donor annotation, "
+                       "not generalisation to new donors.", reason, patient_column)
+        return "cell"
+
+    n_patients = _n_patients(list(dataset_dict.values()), patient_column)
     if split_by == "dataset":
         missing = [s for s in ("train", "validation") if s not in dataset_dict]
-        if missing:
+        if missing and n_patients == 1:
+            split_by = single_donor_fallback(f"split_by='dataset' lacks the {missing} split(s)")
+        elif missing:
             raise ValueError(
                 f"split_by='dataset' needs train and validation splits; missing {missing} (available: "
                 f"{list(dataset_dict)}). Use split_by='patient' (several patients) or 'cell' (a single donor)."
             )
-        splits = {s: known(dataset_dict[s]) if s in dataset_dict else None for s in ("train", "validation", "test")}
-        return splits, names
+        else:
+            splits = {s: known(dataset_dict[s]) if s in dataset_dict else None for s in ("train", "validation", "test")}
+            return splits, names
 
-    everything = known(datasets.concatenate_datasets(list(dataset_dict.values())))
+    everything = _with_unique_idx(known(datasets.concatenate_datasets(list(dataset_dict.values()))))
     labels = np.asarray(everything[label_column])
     if len(fractions) != 3 or not np.isclose(sum(fractions), 1.0) or min(fractions) <= 0:
         raise ValueError(f"fractions must be three positive numbers summing to 1, got {list(fractions)}.")
     indices = np.arange(len(everything))
     if split_by == "patient":
-        from sklearn.model_selection import GroupShuffleSplit
-
         if patient_column not in everything.column_names:
             raise ValueError(f"split_by='patient' needs the column {patient_column!r}.")
         groups = np.asarray(everything[patient_column])
-        if np.unique(groups).size < 3:
+        if np.unique(groups).size == 1:
+            split_by = single_donor_fallback("split_by='patient'")
+        elif np.unique(groups).size < 3:
             raise ValueError(f"split_by='patient' needs at least 3 patients, found {np.unique(groups).size}; use "
-                             "split_by='cell' for single-donor data (and report it as a within-donor split).")
+                             "split_by='cell' (and report it as a within-donor split).")
+    if split_by == "patient":
+        from sklearn.model_selection import GroupShuffleSplit
+
         outer = GroupShuffleSplit(n_splits=1, test_size=fractions[2], random_state=seed)
         rest, test = next(outer.split(indices, labels, groups))
         inner = GroupShuffleSplit(n_splits=1, test_size=fractions[1] / (fractions[0] + fractions[1]),
@@ -168,65 +239,100 @@ class FinetuneResult:
     label_names: list[str]
 
 
-def finetune(
-    model_name_or_path: str | os.PathLike,
-    dataset: str | os.PathLike,
+def load_classifier(model_name_or_path: str | os.PathLike, label_names: Sequence[str], *, seed: int = 0):
+    """`(PanFoMaForCellClassification, processor)` for `label_names` from a checkpoint, Hub id or preset name.
+
+    A checkpoint's backbone weights are loaded and the classifier head is new; a preset (`"panfoma-small"`) gives a
+    randomly initialised model (seeded by `seed`) with the default processor.
+    """
+    from panfoma import PanFoMaForCellClassification
+
+    from .embed import config_and_processor, is_preset_name, random_init_model
+
+    id2label = dict(enumerate(label_names))
+    label2id = {name: i for i, name in enumerate(label_names)}
+    config, processor = config_and_processor(model_name_or_path)
+    if is_preset_name(model_name_or_path):
+        config.id2label, config.label2id = id2label, label2id
+        model = random_init_model(config, PanFoMaForCellClassification, seed=seed)
+    else:
+        model = PanFoMaForCellClassification.from_pretrained(model_name_or_path, id2label=id2label, label2id=label2id)
+    processor.check_model_config(model.config)
+    return model, processor
+
+
+class PanFoMaTrainer(Trainer):
+    """`transformers.Trainer` whose optimiser uses PanFoMa's one parameter-group policy.
+
+    `create_optimizer` builds the groups with `panfoma.training.optim.parameter_groups` (the weight-decay rule of
+    pretraining, and `head_learning_rate` for the classifier head and input embeddings when given) and keeps the
+    optimiser class and settings Trainer would pick from `TrainingArguments` (`optim`, betas, eps); Trainer's own
+    learning-rate scheduler then scales every group. Everything else is the stock Trainer.
+
+    Args:
+        head_learning_rate: peak learning rate of the head and input embeddings (None: `args.learning_rate`).
+        Others: as `transformers.Trainer`.
+    """
+
+    def __init__(self, *args: Any, head_learning_rate: float | None = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.head_learning_rate = head_learning_rate
+
+    def create_optimizer(self, model=None):
+        """The optimiser, with `optim.parameter_groups` (see class docstring); built once."""
+        if self.optimizer is None:
+            model = self.model if model is None else model
+            if self.optimizer_cls_and_kwargs is not None:
+                optimizer_cls, optimizer_kwargs = self.optimizer_cls_and_kwargs
+            else:
+                optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
+            groups = parameter_groups(model, self.args.weight_decay, learning_rate=self.args.learning_rate,
+                                      head_learning_rate=self.head_learning_rate)
+            self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+        return self.optimizer
+
+
+def build_trainer(
+    model,
+    processor,
+    train_dataset,
+    eval_dataset,
     output_dir: str | os.PathLike,
     *,
     label_column: str = "cell_type",
-    split_by: str = "dataset",
-    patient_column: str = "patient",
-    num_train_epochs: float = 10.0,
+    num_train_epochs: float = DEFAULT_NUM_TRAIN_EPOCHS,
     max_steps: int = -1,
-    learning_rate: float = 1e-4,
-    weight_decay: float = 0.01,
-    warmup_ratio: float = 0.1,
-    per_device_train_batch_size: int = 16,
-    per_device_eval_batch_size: int = 32,
+    eval_steps: int | None = None,
+    learning_rate: float = DEFAULT_LEARNING_RATE,
+    head_learning_rate: float | None = DEFAULT_HEAD_LEARNING_RATE,
+    weight_decay: float = DEFAULT_WEIGHT_DECAY,
+    warmup_ratio: float = DEFAULT_WARMUP_RATIO,
+    per_device_train_batch_size: int = DEFAULT_TRAIN_BATCH_SIZE,
+    per_device_eval_batch_size: int = DEFAULT_EVAL_BATCH_SIZE,
     gradient_accumulation_steps: int = 1,
-    early_stopping_patience: int = 3,
-    max_genes: int | None = None,
+    early_stopping_patience: int | None = DEFAULT_EARLY_STOPPING_PATIENCE,
+    max_genes: int | None = DEFAULT_MAX_GENES,
     seed: int = 0,
     bf16: bool = False,
     use_cpu: bool = False,
     report_to: str | list[str] = "none",
     progress: bool = True,
     logging_steps: int = 10,
-) -> FinetuneResult:
-    """Fine-tune a pretrained PanFoMa checkpoint as a cell classifier with `transformers.Trainer`.
+) -> PanFoMaTrainer:
+    """The one fine-tuning Trainer set-up (used by `finetune` and by the evaluation's fine-tuned track).
 
-    Args:
-        model_name_or_path: a PanFoMa folder with its processor (pretraining output) or Hub id.
-        dataset: PanFoMaBench-style dataset folder (`panfoma build-bench`).
-        output_dir: where the best model (by validation macro-F1), processor, card and Trainer logs go.
-        label_column: ClassLabel column to predict (`cell_type`, `cancer_type`, `tissue`).
-        split_by: "dataset", "patient" or "cell" (see module docstring).
-        max_genes: genes per cell (default: the processor's).
-        Others: as in `transformers.TrainingArguments` / `EarlyStoppingCallback`.
-
-    Returns:
-        `FinetuneResult` with validation and test (when there is a test split) accuracy and macro-F1.
+    Classification collator (`mlm=False`, `max_genes` per cell, seeded per cell from `idx`), validation macro-F1
+    every epoch (or every `eval_steps`, default a quarter of `max_steps`, when `max_steps > 0`), best checkpoint
+    by validation macro-F1 restored at the end, optional early stopping, `PanFoMaTrainer`'s parameter groups.
     """
     import torch
-    from transformers import EarlyStoppingCallback, Trainer, TrainingArguments
+    from transformers import EarlyStoppingCallback, TrainingArguments
 
-    from panfoma import PanFoMaForCellClassification
-    from panfoma.tokenization import PanFoMaGeneProcessor
+    from panfoma.tokenization import PanFoMaDataCollator
+    from panfoma.tokenization.collator import PanFoMaCollatorEpochCallback
 
-    from .pretrain import _collator_class, check_dataset_vocabulary, save_pretrained_with_card
-
-    dataset_dict = _load_dataset_dict(dataset)
-    splits, label_names = prepare_splits(dataset_dict, label_column, split_by, patient_column, seed=seed)
-    processor = PanFoMaGeneProcessor.from_pretrained(model_name_or_path)
-    if max_genes is not None:
-        processor.max_genes = max_genes
-    check_dataset_vocabulary(dataset, processor)
-    model = PanFoMaForCellClassification.from_pretrained(
-        model_name_or_path, id2label=dict(enumerate(label_names)),
-        label2id={name: i for i, name in enumerate(label_names)},
-    )
-    processor.check_model_config(model.config)
-    collator = _collator_class()(processor, mlm=False, label_column=label_column, seed=seed)
+    by_steps = max_steps > 0
+    every = (eval_steps or max(1, max_steps // 4)) if by_steps else None
     args = TrainingArguments(
         output_dir=str(output_dir),
         num_train_epochs=num_train_epochs,
@@ -237,10 +343,10 @@ def finetune(
         per_device_train_batch_size=per_device_train_batch_size,
         per_device_eval_batch_size=per_device_eval_batch_size,
         gradient_accumulation_steps=gradient_accumulation_steps,
-        eval_strategy="epoch" if max_steps <= 0 else "steps",
-        save_strategy="epoch" if max_steps <= 0 else "steps",
-        eval_steps=None if max_steps <= 0 else max(1, max_steps // 4),
-        save_steps=None if max_steps <= 0 else max(1, max_steps // 4),
+        eval_strategy="steps" if by_steps else "epoch",
+        save_strategy="steps" if by_steps else "epoch",
+        eval_steps=every,
+        save_steps=every,
         save_total_limit=1,
         load_best_model_at_end=True,
         metric_for_best_model="macro_f1",
@@ -255,13 +361,77 @@ def finetune(
         save_only_model=True,
         dataloader_pin_memory=torch.cuda.is_available(),
     )
-    callbacks = [EarlyStoppingCallback(early_stopping_patience=early_stopping_patience)]
-    from panfoma.tokenization.collator import PanFoMaCollatorEpochCallback
+    collator = PanFoMaDataCollator(processor, mlm=False, label_column=label_column, seed=seed, max_genes=max_genes,
+                                   return_raw_values=False)
+    callbacks = [PanFoMaCollatorEpochCallback(collator)]
+    if early_stopping_patience is not None:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=early_stopping_patience))
+    return PanFoMaTrainer(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+                          data_collator=collator, processing_class=processor,
+                          compute_metrics=compute_classification_metrics, callbacks=callbacks,
+                          head_learning_rate=head_learning_rate)
 
-    callbacks.append(PanFoMaCollatorEpochCallback(collator))
-    trainer = Trainer(model=model, args=args, train_dataset=splits["train"], eval_dataset=splits["validation"],
-                      data_collator=collator, processing_class=processor,
-                      compute_metrics=compute_classification_metrics, callbacks=callbacks)
+
+def finetune(
+    model_name_or_path: str | os.PathLike,
+    dataset: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    *,
+    label_column: str = "cell_type",
+    split_by: str = "dataset",
+    patient_column: str = "patient",
+    num_train_epochs: float = DEFAULT_NUM_TRAIN_EPOCHS,
+    max_steps: int = -1,
+    learning_rate: float = DEFAULT_LEARNING_RATE,
+    head_learning_rate: float | None = DEFAULT_HEAD_LEARNING_RATE,
+    weight_decay: float = DEFAULT_WEIGHT_DECAY,
+    warmup_ratio: float = DEFAULT_WARMUP_RATIO,
+    per_device_train_batch_size: int = DEFAULT_TRAIN_BATCH_SIZE,
+    per_device_eval_batch_size: int = DEFAULT_EVAL_BATCH_SIZE,
+    gradient_accumulation_steps: int = 1,
+    early_stopping_patience: int | None = DEFAULT_EARLY_STOPPING_PATIENCE,
+    max_genes: int | None = DEFAULT_MAX_GENES,
+    seed: int = 0,
+    bf16: bool = False,
+    use_cpu: bool = False,
+    report_to: str | list[str] = "none",
+    progress: bool = True,
+    logging_steps: int = 10,
+) -> FinetuneResult:
+    """Fine-tune a PanFoMa checkpoint (or a random-init preset) as a cell classifier with `transformers.Trainer`.
+
+    Args:
+        model_name_or_path: a PanFoMa folder with its processor (pretraining output), Hub id, or preset name
+            (`"panfoma-small"`: randomly initialised, default processor).
+        dataset: PanFoMaBench-style dataset folder (`panfoma build-bench`).
+        output_dir: where the best model (by validation macro-F1), processor, card and Trainer logs go.
+        label_column: ClassLabel column to predict (`cell_type`, `cancer_type`, `tissue`).
+        split_by: "dataset", "patient" or "cell" (see module docstring; single-donor data fall back to "cell").
+        learning_rate: peak learning rate of the backbone.
+        head_learning_rate: peak learning rate of the classifier head and input embeddings (None: `learning_rate`).
+        max_genes: genes per cell (None: every expressed gene).
+        early_stopping_patience: evaluations without improvement before stopping (None: never stop early).
+        Others: as in `transformers.TrainingArguments`. Defaults: the `DEFAULT_*` constants of this module.
+
+    Returns:
+        `FinetuneResult` with validation and test (when there is a test split) accuracy and macro-F1.
+    """
+    from .embed import is_preset_name
+    from .pretrain import check_dataset_vocabulary, save_pretrained_with_card
+
+    dataset_dict = _load_dataset_dict(dataset)
+    splits, label_names = prepare_splits(dataset_dict, label_column, split_by, patient_column, seed=seed)
+    model, processor = load_classifier(model_name_or_path, label_names, seed=seed)
+    check_dataset_vocabulary(dataset, processor)
+    trainer = build_trainer(
+        model, processor, splits["train"], splits["validation"], output_dir, label_column=label_column,
+        num_train_epochs=num_train_epochs, max_steps=max_steps, learning_rate=learning_rate,
+        head_learning_rate=head_learning_rate, weight_decay=weight_decay, warmup_ratio=warmup_ratio,
+        per_device_train_batch_size=per_device_train_batch_size, per_device_eval_batch_size=per_device_eval_batch_size,
+        gradient_accumulation_steps=gradient_accumulation_steps, early_stopping_patience=early_stopping_patience,
+        max_genes=max_genes, seed=seed, bf16=bf16, use_cpu=use_cpu, report_to=report_to, progress=progress,
+        logging_steps=logging_steps,
+    )
     trainer.train()
     validation = trainer.evaluate(splits["validation"], metric_key_prefix="validation")
     test = trainer.evaluate(splits["test"], metric_key_prefix="test") if splits.get("test") else None
@@ -272,7 +442,8 @@ def finetune(
         task = f"{label_column.replace('_', '-')} classification"
         card_metrics = [{"name": "accuracy", "value": test["accuracy"], "task": task, "split": "test"},
                         {"name": "macro_f1", "value": test["macro_f1"], "task": task, "split": "test"}]
-    base = str(model_name_or_path) if not os.path.isdir(str(model_name_or_path)) else None
+    path = str(model_name_or_path)
+    base = path if not os.path.isdir(path) and not is_preset_name(path) else None
     save_pretrained_with_card(trainer.model, processor, output_dir, training_data=dataset, metrics=card_metrics,
                               base_model=base)
     logger.info("validation: %s; test: %s", _fmt(validation), _fmt(test) if test else "no test split")
@@ -298,22 +469,31 @@ def _load_dataset_dict(path: str | os.PathLike):
 
 # ---------------------------------------------------------------------------------------------- CLI
 def add_finetune_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add `panfoma finetune` options to `parser`."""
-    parser.add_argument("model", help="pretrained PanFoMa folder (with its processor) or Hub id")
+    """Add `panfoma finetune` options to `parser` (defaults: this module's `DEFAULT_*` constants)."""
+    parser.add_argument("model", help="pretrained PanFoMa folder (with its processor), Hub id, or a preset name "
+                        "(panfoma-tiny/-small/-base: randomly initialised, default processor)")
     parser.add_argument("dataset", help="PanFoMaBench-style dataset folder (panfoma build-bench)")
     parser.add_argument("-o", "--output-dir", required=True, help="output folder for the fine-tuned model")
     parser.add_argument("--label-column", default="cell_type", help="ClassLabel column to predict (default cell_type)")
     parser.add_argument("--split-by", choices=SPLIT_MODES, default="dataset",
                         help="dataset: use its splits (patient-grouped); patient: regroup by patient; cell: "
-                        "stratified cells (single donor only)")
+                        "stratified cells (single donor only; single-donor data fall back to it with a warning)")
     parser.add_argument("--patient-column", default="patient")
-    parser.add_argument("--epochs", type=float, default=10.0, dest="num_train_epochs")
+    parser.add_argument("--epochs", type=float, default=DEFAULT_NUM_TRAIN_EPOCHS, dest="num_train_epochs")
     parser.add_argument("--max-steps", type=int, default=-1)
-    parser.add_argument("--learning-rate", type=float, default=1e-4)
-    parser.add_argument("--batch-size", type=int, default=16, dest="per_device_train_batch_size")
+    parser.add_argument("--learning-rate", type=float, default=DEFAULT_LEARNING_RATE,
+                        help=f"peak learning rate of the backbone (default {DEFAULT_LEARNING_RATE:g})")
+    parser.add_argument("--head-learning-rate", type=float, default=DEFAULT_HEAD_LEARNING_RATE,
+                        help="peak learning rate of the classifier head and input embeddings (default: "
+                        + ("--learning-rate" if DEFAULT_HEAD_LEARNING_RATE is None else f"{DEFAULT_HEAD_LEARNING_RATE:g}")
+                        + ")")
+    parser.add_argument("--weight-decay", type=float, default=DEFAULT_WEIGHT_DECAY)
+    parser.add_argument("--batch-size", type=int, default=DEFAULT_TRAIN_BATCH_SIZE, dest="per_device_train_batch_size")
     parser.add_argument("--gradient-accumulation-steps", type=int, default=1)
-    parser.add_argument("--early-stopping-patience", type=int, default=3)
-    parser.add_argument("--max-genes", type=int, default=None, help="genes per cell (default: the processor's)")
+    parser.add_argument("--early-stopping-patience", type=int, default=DEFAULT_EARLY_STOPPING_PATIENCE)
+    parser.add_argument("--max-genes", type=int, default=DEFAULT_MAX_GENES,
+                        help="genes per cell (default: " + ("every expressed gene" if DEFAULT_MAX_GENES is None
+                                                            else str(DEFAULT_MAX_GENES)) + ")")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--bf16", action="store_true", help="bf16 mixed precision")
     parser.add_argument("--cpu", action="store_true", dest="use_cpu", help="train on the CPU even with a GPU")
@@ -326,7 +506,8 @@ def run_finetune(args: argparse.Namespace) -> FinetuneResult:
     return finetune(
         args.model, args.dataset, args.output_dir, label_column=args.label_column, split_by=args.split_by,
         patient_column=args.patient_column, num_train_epochs=args.num_train_epochs, max_steps=args.max_steps,
-        learning_rate=args.learning_rate, per_device_train_batch_size=args.per_device_train_batch_size,
+        learning_rate=args.learning_rate, head_learning_rate=args.head_learning_rate, weight_decay=args.weight_decay,
+        per_device_train_batch_size=args.per_device_train_batch_size,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         early_stopping_patience=args.early_stopping_patience, max_genes=args.max_genes, seed=args.seed,
         bf16=args.bf16, use_cpu=args.use_cpu, report_to=args.report_to,
@@ -342,7 +523,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["FinetuneResult", "SPLIT_MODES", "add_finetune_arguments", "compute_classification_metrics", "finetune",
+__all__ = ["DEFAULT_EARLY_STOPPING_PATIENCE", "DEFAULT_EVAL_BATCH_SIZE", "DEFAULT_HEAD_LEARNING_RATE",
+           "DEFAULT_LEARNING_RATE", "DEFAULT_MAX_GENES", "DEFAULT_NUM_TRAIN_EPOCHS", "DEFAULT_TRAIN_BATCH_SIZE",
+           "DEFAULT_WARMUP_RATIO", "DEFAULT_WEIGHT_DECAY", "FinetuneResult", "PanFoMaTrainer", "SPLIT_MODES",
+           "add_finetune_arguments", "build_trainer", "compute_classification_metrics", "finetune", "load_classifier",
            "prepare_splits", "run_finetune"]
 
 
