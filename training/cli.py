@@ -106,8 +106,6 @@ def _read_delimited(path: Path):
         from anndata.io import read_csv
     except ImportError:  # anndata < 0.11
         from anndata import read_csv
-    from panfoma.tokenization import PanFoMaGeneVocab
-
     with open(path, "rb") as handle:
         opener = gzip.open if handle.read(2) == b"\x1f\x8b" else open
     try:
@@ -122,6 +120,8 @@ def _read_delimited(path: Path):
     if adata.n_obs == 0 or adata.n_vars == 0:
         raise PanFoMaUsageError(f"{path} holds no expression table ({adata.n_obs} rows x {adata.n_vars} columns); "
                                 "expected a header row of gene names and one row per cell")
+    from panfoma.tokenization import PanFoMaGeneVocab
+
     vocab = PanFoMaGeneVocab.from_default()
     in_columns = vocab.standardize(list(adata.var_names[:2000])).report.match_fraction
     in_rows = vocab.standardize(list(adata.obs_names[:2000])).report.match_fraction
@@ -377,6 +377,8 @@ def _document_defaults(parser: argparse.ArgumentParser) -> None:
             for child in dict.fromkeys(action.choices.values()):
                 _document_defaults(child)
             continue
+        if isinstance(action.help, str) and "(default: None)" in action.help:  # an adder's note of an unset option
+            action.help = action.help.replace("(default: None)", "(default: not set)")
         if (not action.option_strings or action.required or action.default is argparse.SUPPRESS
                 or action.help is argparse.SUPPRESS or "default" in (action.help or "").lower()):
             continue
@@ -435,14 +437,15 @@ def _set_threads(threads: int | None) -> None:
         raise PanFoMaUsageError(f"--threads {threads}: give a positive number of CPU threads, e.g. --threads 4")
     for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS"):
         os.environ[variable] = str(threads)  # read by each library when it starts (and by torchrun's workers)
-    import torch
-
-    torch.set_num_threads(threads)
     with contextlib.suppress(ImportError):
         import numba
 
         # NUMBA_NUM_THREADS is read once, at numba's import: if it was imported earlier, it caps the setting.
         numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    import torch
+
+    # Last: numba's OpenMP layer may share torch's OpenMP runtime, whose thread count torch reports.
+    torch.set_num_threads(threads)
 
 
 def _without_cli_options(argv: Sequence[str]) -> list[str]:
