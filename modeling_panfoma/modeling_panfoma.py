@@ -29,7 +29,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput, logging
 
 from .configuration_panfoma import PanFoMaConfig
-from .selective_scan import selective_scan
+from .selective_scan import causal_conv1d_kernel, mamba_scan_backend, selective_scan
 
 logger = logging.get_logger(__name__)
 
@@ -102,7 +102,8 @@ class PanFoMaForCellClassificationOutput(ModelOutput):
     Output of [`PanFoMaForCellClassification`].
 
     Args:
-        loss (`torch.FloatTensor`, optional): cross-entropy over labels (`-100` ignored).
+        loss (`torch.FloatTensor`, optional): the loss of `config.problem_type` (see
+            [`PanFoMaForCellClassification`]; `-100` labels ignored in classification).
         logits (`torch.FloatTensor` of shape `(b, num_labels)`).
         pooler_output, gene_order, hidden_states, attentions: as in [`PanFoMaModelOutput`].
     """
@@ -292,78 +293,23 @@ class PanFoMaEncoderBlock(GradientCheckpointingLayer):
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _kernel_conv1d():
-    """mamba-ssm's companion causal-conv1d kernel, or None (the conv then runs in PyTorch; it is cheap)."""
-    try:
-        from causal_conv1d import causal_conv1d_fn
-    except ImportError:
-        return None
-    return causal_conv1d_fn
-
-
-_warned_fallback = False
-
-
-def _use_kernel(config: PanFoMaConfig, x: torch.Tensor) -> bool:
-    """Kernel choice at run time: asked for (or auto), installed, on CUDA, and not being traced."""
-    global _warned_fallback
-    if config.mamba_implementation == "torch":
-        return False
-    try:
-        import mamba_ssm  # noqa: F401
-
-        installed = True
-    except ImportError:
-        installed = False
-    if config.mamba_implementation == "kernel":
-        if not installed:
-            raise ImportError(
-                'mamba_implementation="kernel" needs mamba-ssm: pip install "panfoma[kernels]" (CUDA only), '
-                'or set mamba_implementation="auto" / "torch".'
-            )
-        if not x.is_cuda:
-            raise ValueError('mamba_implementation="kernel" runs on CUDA tensors only; move the model to a GPU.')
-        return True
-    usable = installed and x.is_cuda and not torch.jit.is_tracing() and not torch.compiler.is_compiling()
-    if x.is_cuda and not usable and not _warned_fallback:
-        _warned_fallback = True
-        logger.warning(
-            "mamba-ssm kernels are not available; PanFoMa falls back to the (slower) PyTorch scan on GPU. "
-            'Install them with: pip install "panfoma[kernels]".'
-        )
-    return usable
-
-
 def causal_depthwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """Mamba's causal depthwise conv1d, x (b, e, l) -> (b, e, l), for the `nn.Conv1d` weight (e, 1, k) and bias (e,).
+    """Mamba's causal depthwise conv1d along the sequence, sequence-major x (b, l, e) -> (b, l, e), for the
+    `nn.Conv1d` weight (e, 1, k) and bias (e,).
 
-    Equals `F.conv1d(x, weight, bias, groups=e, padding=k - 1)[..., :l]`, written as k shifted multiply-adds. Why:
-    PyTorch's CPU depthwise conv1d backward was measured at 1.5 s per call for (1, 512, 3072) with 2 threads
-    (59% of a panfoma-small training step, 20-45x slower than this), and no faster than this with 1 thread.
+    Equals `F.conv1d(x.transpose(1, 2), weight, bias, groups=e, padding=k - 1)[..., :l].transpose(1, 2)`, written as
+    k shifted multiply-adds over whole (l, e) rows. Why: PyTorch's CPU depthwise conv1d backward was measured at
+    1.5 s per call for (1, 512, 3072) with 2 threads (59% of a panfoma-small training step, 20-45x slower than this),
+    and no faster than this with 1 thread.
     """
-    l, kernel = x.size(-1), weight.size(-1)
-    taps = weight.view(weight.size(0), kernel, 1)  # (e, 1, k) -> (e, k, 1); tap k - 1 multiplies x_t itself
-    out = x * taps[:, -1] if bias is None else torch.addcmul(bias.view(-1, 1), x, taps[:, -1])  # (b, e, l)
+    l, kernel = x.size(1), weight.size(-1)
+    taps = weight.view(weight.size(0), kernel).t().contiguous()  # (e, 1, k) -> (k, e); tap k - 1 multiplies x_t
+    out = x * taps[-1] if bias is None else torch.addcmul(bias, x, taps[-1])  # (b, l, e)
     for j in range(kernel - 1):
         shift = kernel - 1 - j  # tap j reads x_{t - shift}; the first `shift` outputs see only the zero padding
         if shift < l:
-            out[..., shift:].addcmul_(x[..., : l - shift], taps[:, j])  # in place: no padded copy of x
+            out[:, shift:].addcmul_(x[:, : l - shift], taps[j])  # in place: no padded copy of x
     return out
-
-
-def _weight_times(weight: torch.Tensor, x: torch.Tensor, transpose: bool = False) -> torch.Tensor:
-    """weight (o, i) @ x (b, i, l) -> (b, o, l), written by the GEMM straight into that layout; with `transpose`,
-    the transposed product x^T @ weight^T -> (b, l, o).
-
-    `torch.matmul` / `nn.Linear` would fold these into 2-D products and copy inputs or results between the
-    (b, i, l) and (b, l, i) layouts; a batched GEMM reads either layout in place.
-    """
-    if torch.is_autocast_enabled(x.device.type):
-        dtype = torch.get_autocast_dtype(x.device.type)
-        weight, x = weight.to(dtype), x.to(dtype)
-    if transpose:
-        return torch.bmm(x.transpose(1, 2), weight.t().unsqueeze(0).expand(x.size(0), -1, -1))
-    return torch.bmm(weight.unsqueeze(0).expand(x.size(0), -1, -1), x)
 
 
 class PanFoMaMambaMixer(nn.Module):
@@ -371,6 +317,18 @@ class PanFoMaMambaMixer(nn.Module):
 
     in_proj -> (x, z); x -> depthwise causal conv -> SiLU -> x_proj -> (dt, B, C); dt -> dt_proj; selective scan
     with A = -exp(A_log) and skip D; gate by SiLU(z); out_proj. A_log and D stay fp32 and get no weight decay.
+
+    The four projections are called as modules, so forward hooks, LoRA adapters and quantised `nn.Linear`
+    replacements take effect. dt_proj's bias is the scan's delta bias: it is added by the `nn.Linear` call (the scan
+    gets `delta_bias=None`). The depthwise conv reads `conv1d`'s weight directly (`causal_depthwise_conv`: PyTorch's
+    CPU conv backward is 20-45x slower).
+
+    Example:
+        >>> import torch
+        >>> from panfoma import PanFoMaConfig
+        >>> mixer = PanFoMaMambaMixer(PanFoMaConfig.from_preset("panfoma-tiny", vocab_size=100))
+        >>> mixer(torch.randn(2, 7, 64)).shape
+        torch.Size([2, 7, 64])
     """
 
     def __init__(self, config: PanFoMaConfig):
@@ -389,12 +347,15 @@ class PanFoMaMambaMixer(nn.Module):
         self.A_log._no_weight_decay = True
         self.D._no_weight_decay = True
         self.out_proj = nn.Linear(e, d, bias=config.use_bias)
-        if self.A_log.device.type != "meta":  # usable on its own, not only inside a PreTrainedModel
-            self.reset_ssm_parameters()
+        if self.A_log.device.type != "meta":  # usable on its own (like nn.Linear); meta tensors hold no values
+            self.reset_parameters()
 
     @torch.no_grad()
-    def reset_ssm_parameters(self) -> None:
-        """Mamba's initialisation: S4D-real A, D = 1, dt bias = softplus^-1 of a log-uniform dt."""
+    def reset_parameters(self) -> None:
+        """Mamba's initialisation, the one rule for this module (`_init_weights` calls it too, after the generic
+        `nn.Linear` init of the children): S4D-real A, D = 1, dt bias = softplus^-1 of a log-uniform dt, dt_proj
+        uniform in +-rank^-0.5, and PyTorch's default (Kaiming-uniform) for the other projections and the conv, as
+        mamba-ssm keeps (a 0.02-std normal makes the Mamba branch nearly silent at initialisation)."""
         config = self.config
         a = torch.arange(1, self.d_state + 1, dtype=torch.float32, device=self.A_log.device)
         init.copy_(self.A_log, torch.log(a).expand(self.d_inner, -1))
@@ -407,41 +368,38 @@ class PanFoMaMambaMixer(nn.Module):
             + math.log(config.time_step_min)
         ).clamp(min=config.time_step_floor)
         init.copy_(self.dt_proj.bias, dt + torch.log(-torch.expm1(-dt)))  # inverse of softplus
+        for module in (self.in_proj, self.x_proj, self.out_proj, self.conv1d):
+            init.kaiming_uniform_(module.weight, a=math.sqrt(5))
+            if module.bias is not None:
+                init.zeros_(module.bias)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        b, l, _ = hidden_states.shape
-        use_kernel = _use_kernel(self.config, hidden_states)
-        # Channels-first projections (weight @ input^T): every tensor the scan reads comes out of a matmul already in
-        # its (b, e, l) / (b, s, l) layout, so no transposed copies and no strided elementwise ops are needed.
-        xz = _weight_times(self.in_proj.weight, hidden_states.transpose(1, 2))  # (2e, d) @ (b, d, l) -> (b, 2e, l)
-        if self.in_proj.bias is not None:
-            xz = xz + self.in_proj.bias.to(xz.dtype).unsqueeze(-1)
-        x, z = xz.chunk(2, dim=1)  # (b, e, l) each
-        conv_fn = _kernel_conv1d() if use_kernel else None
+        backend = mamba_scan_backend(self.config.mamba_implementation, hidden_states)
+        # Sequence-major (b, l, .) throughout: every projection is a plain nn.Linear call on contiguous rows, and the
+        # scan reads and writes that memory in place through (b, e, l) views (no transposed copies).
+        xz = self.in_proj(hidden_states)  # (b, l, 2e)
+        x, z = xz.chunk(2, dim=-1)  # (b, l, e) each
+        conv_fn = causal_conv1d_kernel() if backend == "kernel" else None
         if conv_fn is not None:
-            x = conv_fn(x.contiguous(), self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu")
+            weight = self.conv1d.weight.squeeze(1)  # (e, 1, k) -> (e, k)
+            x = conv_fn(x.transpose(1, 2).contiguous(), weight, self.conv1d.bias, activation="silu")  # (b, e, l)
+            x = x.transpose(1, 2)  # (b, e, l) -> (b, l, e)
         else:
-            x = F.silu(causal_depthwise_conv(x, self.conv1d.weight, self.conv1d.bias))  # (b, e, l)
-        x_dbl = _weight_times(self.x_proj.weight, x)  # (r + 2s, e) @ (b, e, l) -> (b, r + 2s, l)
-        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=1)  # (b, r | s | s, l)
-        dt = _weight_times(self.dt_proj.weight, dt)  # (e, r) @ (b, r, l) -> (b, e, l); bias goes in as delta_bias
+            x = F.silu(causal_depthwise_conv(x, self.conv1d.weight, self.conv1d.bias))  # (b, l, e)
+        dt, B, C = torch.split(self.x_proj(x), [self.dt_rank, self.d_state, self.d_state], dim=-1)  # (b, l, r|s|s)
+        dt = self.dt_proj(dt)  # (b, l, e), its bias included: the scan's delta bias
         y = selective_scan(
-            x,
-            dt,
+            x.transpose(1, 2),  # (b, l, e) -> (b, e, l) view, as are the next four
+            dt.transpose(1, 2),
             -torch.exp(self.A_log.float()),
-            B,  # (b, s, l)
-            C,  # (b, s, l)
+            B.transpose(1, 2),  # (b, l, s) -> (b, s, l)
+            C.transpose(1, 2),
             D=self.D.float(),
-            z=z,
-            delta_bias=self.dt_proj.bias.float(),
+            z=z.transpose(1, 2),
             delta_softplus=True,
-            backend="kernel" if use_kernel else "auto",
-        )  # (b, e, l)
-        if b == 1:  # (1, l, e) is a plain transposed matrix: nn.Linear reads it in place (and its backward is faster)
-            return self.out_proj(y.transpose(1, 2))  # (b, l, d)
-        # (b, e, l)^T @ (e, d): the batched GEMM reads y transposed in place (nn.Linear would copy it for b > 1).
-        out = _weight_times(self.out_proj.weight, y, transpose=True)  # (b, l, d)
-        return out if self.out_proj.bias is None else out + self.out_proj.bias.to(out.dtype)
+            backend=backend,
+        )  # (b, e, l), laid out in u's (b, l, e) memory order by the CPU backends
+        return self.out_proj(y.transpose(1, 2))  # (b, l, e) -> (b, l, d)
 
 
 class PanFoMaBiMambaLayer(GradientCheckpointingLayer):
@@ -506,16 +464,9 @@ class PanFoMaPreTrainedModel(PreTrainedModel):
         elif isinstance(module, PanFoMaEmbeddings):
             init.normal_(module.cls_embedding, mean=0.0, std=std)
         elif isinstance(module, PanFoMaMambaMixer):
-            # Runs after the generic Linear init of its children (children are visited first), so the Mamba-specific
-            # dt init is the one that stays.
-            module.reset_ssm_parameters()
-            # mamba-ssm keeps PyTorch's default (Kaiming-uniform) init for the mixer projections; a 0.02-std normal
-            # makes the Mamba branch nearly silent at initialisation.
-            for linear in (module.in_proj, module.x_proj, module.out_proj):
-                init.kaiming_uniform_(linear.weight, a=math.sqrt(5))
-            init.kaiming_uniform_(module.conv1d.weight, a=math.sqrt(5))
-            if module.conv1d.bias is not None:
-                init.zeros_(module.conv1d.bias)
+            # The mixer's own rule; it runs after the generic Linear init of its children (children are visited
+            # first), so Mamba's initialisation is the one that stays.
+            module.reset_parameters()
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Save weights (safetensors) and config; the config's `auto_map` lists every PanFoMa head so the folder
@@ -538,7 +489,7 @@ def _copy_remote_code(save_directory) -> None:
     from pathlib import Path
 
     here = Path(__file__).resolve().parent
-    for name in ("configuration_panfoma.py", "modeling_panfoma.py", "selective_scan.py"):
+    for name in ("configuration_panfoma.py", "modeling_panfoma.py", "selective_scan.py", "_numba_scan.py"):
         source = here / name
         if source.exists():
             shutil.copyfile(source, Path(save_directory) / name)
@@ -807,10 +758,13 @@ class PanFoMaForPreTraining(PanFoMaPreTrainedModel):
 
 
 class PanFoMaForCellClassification(PanFoMaPreTrainedModel):
-    """PanFoMa with an MLP on the cell embedding, for cell-type or cancer-type classification.
+    """PanFoMa with an MLP on the cell embedding, for cell-type or cancer-type classification (or regression).
 
-    Set `config.id2label` / `label2id` (or `num_labels`). `labels` (b,) are class ids, `-100` ignored; with
-    `num_labels == 1` the head regresses with MSE.
+    Set `config.id2label` / `label2id` (or `num_labels`). The loss follows `config.problem_type` as in BERT:
+    "single_label_classification" (labels (b,) class ids, cross-entropy, `-100` ignored), "multi_label_classification"
+    (labels (b, num_labels) of 0/1, binary cross-entropy with logits, entries `-100` ignored) or "regression" (MSE;
+    labels (b,) for `num_labels == 1`, else (b, num_labels)). Unset, it is inferred per call: regression for
+    `num_labels == 1`, single-label for integer labels, multi-label otherwise.
     """
 
     def __init__(self, config: PanFoMaConfig):
@@ -832,7 +786,7 @@ class PanFoMaForCellClassification(PanFoMaPreTrainedModel):
         input_ids: torch.LongTensor | None = None,
         values: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
-        labels: torch.LongTensor | None = None,
+        labels: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
         return_dict: bool | None = None,
@@ -847,12 +801,7 @@ class PanFoMaForCellClassification(PanFoMaPreTrainedModel):
             return_dict=True,
         )
         logits = self.classifier(outputs.pooler_output)  # (b, num_labels)
-        loss = None
-        if labels is not None:
-            if self.num_labels == 1:
-                loss = F.mse_loss(logits.float().squeeze(-1), labels.float())
-            else:
-                loss = F.cross_entropy(logits.float(), labels.view(-1).long(), ignore_index=-100)
+        loss = None if labels is None else self._loss(logits.float(), labels)
         output = PanFoMaForCellClassificationOutput(
             loss=loss,
             logits=logits,
@@ -862,6 +811,32 @@ class PanFoMaForCellClassification(PanFoMaPreTrainedModel):
             attentions=outputs.attentions,
         )
         return output if return_dict else output.to_tuple()
+
+    def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The loss of `config.problem_type`, inferred as BERT does when unset. Inferred per call and not written into
+        the config (BERT writes it at the first batch), so what a config means never depends on the first batch."""
+        problem_type = self.config.problem_type
+        if problem_type is None:
+            if self.num_labels == 1:
+                problem_type = "regression"
+            elif labels.dtype in (torch.long, torch.int):
+                problem_type = "single_label_classification"
+            else:
+                problem_type = "multi_label_classification"
+        if problem_type == "regression":
+            if self.num_labels == 1:
+                return F.mse_loss(logits.view(-1), labels.float().view(-1))
+            return F.mse_loss(logits, labels.float())
+        if problem_type == "single_label_classification":
+            return F.cross_entropy(logits.view(-1, self.num_labels), labels.view(-1).long(), ignore_index=-100)
+        if problem_type == "multi_label_classification":
+            labels = labels.float()
+            kept = labels != -100  # (b, num_labels)
+            return F.binary_cross_entropy_with_logits(logits[kept], labels[kept])
+        raise ValueError(
+            f"config.problem_type must be 'regression', 'single_label_classification' or "
+            f"'multi_label_classification' (or None to infer it), got {problem_type!r}."
+        )
 
 
 __all__ = [

@@ -241,6 +241,7 @@ def test_kernel_backend_without_mamba_raises_install_hint(monkeypatch):
 
     if scan_module._mamba_available():
         monkeypatch.setattr(scan_module, "_import_mamba_scan", missing)
+        monkeypatch.setattr(scan_module, "_mamba_available", lambda: False)
     inputs = make_inputs(1, 2, 3, 2)
     with pytest.raises(ImportError, match=r'pip install "panfoma\[kernels\]"'):
         selective_scan(**inputs, backend="kernel")
@@ -264,7 +265,8 @@ def test_auto_picks_numba_on_cpu(monkeypatch):
 def test_auto_respects_disable_numba_env(monkeypatch):
     monkeypatch.setenv("PANFOMA_DISABLE_NUMBA", "1")
     calls = []
-    monkeypatch.setattr(scan_module._NumbaScanFn, "apply", lambda *args: calls.append(args))
+    numba_module = importlib.import_module("panfoma._numba_scan")
+    monkeypatch.setattr(numba_module, "numba_selective_scan", lambda *args: calls.append(args))
     inputs = make_inputs(1, 2, 9, 3, seed=11)
     assert scan_module._resolve_backend("auto", inputs["u"]) == "torch"
     y = selective_scan(**inputs, delta_softplus=True)
@@ -274,7 +276,7 @@ def test_auto_respects_disable_numba_env(monkeypatch):
 
 
 def test_numba_module_import_is_lazy():
-    """Loading the file on its own (as transformers remote code does) imports neither numba nor mamba_ssm."""
+    """Loading the file on its own imports neither numba nor mamba_ssm."""
     code = textwrap.dedent(
         f"""
         import importlib.util, sys
@@ -287,6 +289,87 @@ def test_numba_module_import_is_lazy():
     env = dict(os.environ, OMP_NUM_THREADS="1")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     assert out.stdout.split() == ["False", "False", "True"]
+
+
+def test_numba_kernels_module_imported_at_first_numba_scan():
+    """The kernels' module is imported by the first numba scan, not by importing the package or another backend."""
+    code = textwrap.dedent(
+        """
+        import sys, torch
+        import panfoma
+        from panfoma.selective_scan import selective_scan
+        u = torch.randn(1, 3, 5)
+        args = (u, u.abs(), -torch.ones(3, 2), torch.randn(1, 2, 5), torch.randn(1, 2, 5))
+        selective_scan(*args, backend="torch")
+        print("panfoma._numba_scan" in sys.modules)
+        selective_scan(*args, backend="numba")
+        print("panfoma._numba_scan" in sys.modules)
+        """
+    )
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.split() == ["False", "True"]
+
+
+def _sequence_major(inputs):
+    """The mixer's layout: u, delta, z as (b, e, l) views of (b, l, e) memory, z a strided half of a (b, l, 2e)
+    tensor like in_proj's output, and B, C as (b, s, l) views of one (b, l, 2s) tensor like x_proj's output."""
+    out = {name: tensor.transpose(1, 2).contiguous().transpose(1, 2) for name, tensor in inputs.items() if tensor.dim() == 3}
+    xz = torch.cat([inputs["u"], inputs["z"]], dim=1).transpose(1, 2).contiguous()  # (b, l, 2e)
+    out["z"] = xz.chunk(2, dim=-1)[1].transpose(1, 2)
+    bc = torch.cat([inputs["B"], inputs["C"]], dim=1).transpose(1, 2).contiguous()  # (b, l, 2s)
+    out["B"], out["C"] = (half.transpose(1, 2) for half in bc.chunk(2, dim=-1))
+    for name in ("A", "D", "delta_bias"):
+        out[name] = inputs[name]
+    return out
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_sequence_major_views_match_reference_and_keep_layout(backend):
+    """The mixer hands the scan (b, e, l) views of (b, l, e) memory: values and gradients equal the reference's, and
+    the output comes back in that memory order (so out_proj reads it without a copy)."""
+    inputs = make_inputs(2, 21, 37, 5, seed=31)
+    strided = _sequence_major(inputs)
+    assert not strided["u"].is_contiguous() and strided["u"].transpose(1, 2).is_contiguous()
+    grad_out = torch.randn(2, 37, 21).transpose(1, 2)  # what out_proj's backward sends: sequence-major too
+    y_ref, grads_ref = run_with_grads(selective_scan_reference, inputs, True, True, True, True, grad_out)
+    y, grads = run_with_grads(selective_scan, strided, True, True, True, True, grad_out, backend=backend)
+    torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-5)
+    assert_grads_close(grads, grads_ref, rtol=1e-4, atol=1e-5)
+    assert y.transpose(1, 2).is_contiguous()
+    if backend == "numba":
+        assert grads["u"].transpose(1, 2).is_contiguous() and grads["z"].transpose(1, 2).is_contiguous()
+
+
+def test_mamba_scan_backend_policy(monkeypatch):
+    """config.mamba_implementation -> backend, in one place; the mamba_ssm import is attempted once per process."""
+    attempts = []
+
+    def missing():
+        attempts.append(1)
+        raise ImportError("no mamba_ssm")
+
+    monkeypatch.setattr(scan_module, "_import_mamba_scan", missing)
+    scan_module._mamba_available.cache_clear()
+    try:
+        x = torch.zeros(1, 4, 8)
+        for _ in range(3):
+            assert scan_module.mamba_scan_backend("auto", x) == "numba"
+            assert scan_module.mamba_scan_backend("torch", x) == "numba"
+        for _ in range(3):
+            with pytest.raises(ImportError, match=r'pip install "panfoma\[kernels\]"'):
+                scan_module.mamba_scan_backend("kernel", x)
+        assert len(attempts) == 1
+        with pytest.raises(ValueError, match="mamba_implementation must be one of"):
+            scan_module.mamba_scan_backend("cuda", x)
+    finally:
+        scan_module._mamba_available.cache_clear()
+
+
+def test_kernel_implementation_on_cpu_says_to_move_to_gpu(monkeypatch):
+    monkeypatch.setattr(scan_module, "_mamba_available", lambda: True)
+    with pytest.raises(ValueError, match="CUDA tensors only"):
+        scan_module.mamba_scan_backend("kernel", torch.zeros(1, 2, 3))
 
 
 def test_numba_failure_falls_back_to_torch_with_one_warning(monkeypatch, caplog):
