@@ -365,3 +365,60 @@ def test_real_file(path, processor, tmp_path):
     # save/load round trip gives the same encoding
     processor.save_pretrained(tmp_path)
     assert_same(PanFoMaGeneProcessor.from_pretrained(tmp_path)(adata, drop_empty_cells=True), out)
+
+
+# ---------------------------------------------------------------------------------------------- duplicates, species
+def _lognorm(X):
+    X = sp.csr_matrix(X, dtype=np.float64)
+    out = sp.diags(1e4 / np.asarray(X.sum(1)).ravel()) @ X
+    out.data = np.log1p(out.data)
+    return out.tocsr()
+
+
+def test_duplicate_genes_of_log_input_are_summed_in_the_linear_scale(vocab):
+    # Two columns per gene for a quarter of the genes (a symbol next to its Ensembl ID, as merged tables have).
+    adata = make_adata(vocab, n_cells=40, n_genes=200, density=0.5)
+    doubled = list(adata.var_names[:50])
+    X = sp.hstack([adata.X, make_counts(40, 50, density=0.5, seed=5)]).tocsr()
+    names = list(adata.var_names) + doubled
+    processor = PanFoMaGeneProcessor(max_genes=None, shuffle_genes=False)
+    reference = processor(X, gene_names=names)
+    assert_same(processor(_lognorm(X), gene_names=names), reference)  # bins invariant to normalize_total + log1p
+    # The summed value is log1p(sum of the linear values), not the sum of the logs.
+    from panfoma.tokenization.processing_panfoma import _sum_into_tokens
+
+    block = sp.csr_matrix(np.log1p([[3.0, 5.0, 2.0]]))
+    projection = sp.csr_matrix(np.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]))  # genes 0 and 1 -> token 0
+    np.testing.assert_allclose(_sum_into_tokens(block, projection, log_scale=True).toarray(), np.log1p([[8.0, 2.0]]))
+    np.testing.assert_allclose(_sum_into_tokens(block, projection, log_scale=False).toarray(),
+                               [[np.log1p(3.0) + np.log1p(5.0), np.log1p(2.0)]])
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "multiome" / "pbmc_5k_protein_v3_rna_adt.h5ad").is_file(),
+                    reason="../shared/data/multiome/pbmc_5k_protein_v3_rna_adt.h5ad absent")
+def test_real_pbmc_bins_are_invariant_to_lognormalisation_with_duplicate_genes():
+    # 4 of its gene names map onto genes it also names otherwise; a log-scale sum changed 3 bins in its 200 cells.
+    adata = anndata.read_h5ad(SHARED_DATA / "multiome" / "pbmc_5k_protein_v3_rna_adt.h5ad")
+    processor = PanFoMaGeneProcessor(max_genes=None, shuffle_genes=False)
+    assert processor.map_genes(list(adata.var_names)).report.n_duplicates_after_mapping > 0
+    counts = sp.csr_matrix(adata.X, dtype=np.float64)
+    assert_same(processor(_lognorm(counts), gene_names=adata.var_names),
+                processor(counts, gene_names=adata.var_names))
+
+
+def test_barnyard_matrix_embeds_the_human_genes_only(vocab, caplog):
+    adata = make_adata(vocab, n_cells=20, n_genes=300)
+    mouse = make_counts(20, 100, seed=9)
+    names = [f"GRCh38_{g}" for g in adata.var_names] + [f"mm10___Gene{i}" for i in range(100)]
+    processor = PanFoMaGeneProcessor(shuffle_genes=False)
+    with caplog.at_level(logging.INFO):
+        out = processor(sp.hstack([adata.X, mouse]).tocsr(), gene_names=names)
+    assert_same(out, processor(adata))
+    assert "mm10 100 (another species: dropped)" in caplog.text
+
+
+def test_mouse_genes_are_refused(vocab, processor):
+    adata = make_adata(vocab, n_cells=5, n_genes=40)
+    mouse = anndata.AnnData(X=adata.X, var=pd.DataFrame(index=[g[0] + g[1:].lower() for g in adata.var_names]))
+    with pytest.raises(ValueError, match="look like mouse genes"):
+        processor(mouse)

@@ -189,3 +189,63 @@ def test_real_gene_names_resolve(vocab, path):
     if id_type == "ensembl" or len(names) < 20000:
         assert report.match_fraction > 0.8, str(report)
     report.check()
+
+
+# ---------------------------------------------------------------------------------------------- species, genomes
+MOUSE_SYMBOLS = ["Cd3e", "Actb", "Gapdh", "Malat1", "Ptprc", "Cd19", "Lyz2", "Nkg7", "Gm12345", "Ms4a1"]
+
+
+def test_mouse_symbols_are_refused_never_mapped(vocab):
+    mapping = vocab.standardize(MOUSE_SYMBOLS)
+    assert mapping.report.detected_species == "mouse"
+    assert mapping.report.n_matched == 0 and mapping.report.n_other_species == len(MOUSE_SYMBOLS)
+    assert set(mapping.sources) == {"other_species"} and not mapping.mapped.any()
+    with pytest.raises(ValueError, match=r"(?s)look like mouse genes.*'Cd3e'.*human orthologs.*upper-case"):
+        mapping.report.check(0.0)  # even with no match threshold: a species mismatch is never accepted
+    # The same genes upper-cased are human symbols and map.
+    assert vocab.standardize([n.upper() for n in MOUSE_SYMBOLS]).report.detected_species == "human"
+
+
+def test_human_orf_symbols_are_not_mistaken_for_mouse(vocab):
+    names = ["C1orf112", "C2orf69", "CXorf38", "C1orf50", "CD3E", "ACTB"]
+    report = vocab.standardize(names).report
+    assert report.detected_species == "human" and report.n_other_species == 0
+    report.check()
+
+
+@pytest.mark.parametrize("prefix", ["GRCh38_", "hg19_", "GRCh38-", "GRCh37_", "hg38__"])
+def test_cell_ranger_genome_prefixes_are_stripped(vocab, prefix):
+    names = ["CD3E", "ACTB", "GAPDH", "ENSG00000075624", "MALAT1"]
+    mapping = vocab.standardize([prefix + n for n in names])
+    assert mapping.symbols == vocab.standardize(names).symbols
+    assert sum(mapping.report.genome_prefixes.values()) == len(names) and mapping.report.n_other_species == 0
+    mapping.report.check()
+
+
+def test_barnyard_names_map_the_human_genes_and_report_the_mouse_ones(vocab):
+    human = ["CD3E", "ACTB", "GAPDH", "MALAT1", "CD19", "NOT-A-GENE"]
+    names = [f"GRCh38_{n}" for n in human] + [f"mm10___{n}" for n in MOUSE_SYMBOLS]
+    mapping = vocab.standardize(names)
+    report = mapping.report
+    assert mapping.symbols[:5] == ["CD3E", "ACTB", "GAPDH", "MALAT1", "CD19"]
+    assert mapping.symbols[5:] == [None] * (1 + len(MOUSE_SYMBOLS))
+    assert report.genome_prefixes == {"GRCh38": len(human), "mm10": len(MOUSE_SYMBOLS)}
+    assert report.n_other_species == len(MOUSE_SYMBOLS) and report.detected_species == "mixed"
+    # Judged on its human names: 5 of 6 matched, although the mouse half makes 5 of 16 names overall.
+    assert report.match_fraction == pytest.approx(5 / 6)
+    report.check()
+    assert "mm10 10 (another species: dropped)" in str(report)
+    assert report.n_matched + report.n_ambiguous + report.n_invalid + report.n_unmapped + report.n_other_species \
+        == len(names)
+
+
+def test_mouse_only_genome_prefix_is_refused_with_the_reason(vocab):
+    with pytest.raises(ValueError, match="non-human genome"):
+        vocab.standardize([f"mm10___{n}" for n in MOUSE_SYMBOLS]).report.check()
+
+
+def test_a_lone_prefix_look_alike_is_left_alone(vocab):
+    # Stripping applies only when most names carry a genome prefix.
+    mapping = vocab.standardize(["CD3E", "ACTB", "GAPDH", "hg19_CD19"])
+    assert mapping.symbols[:3] == ["CD3E", "ACTB", "GAPDH"] and mapping.symbols[3] is None
+    assert mapping.report.genome_prefixes == {}

@@ -69,7 +69,7 @@ def _sum_into_tokens(block: sp.csr_matrix, projection: sp.csr_matrix, log_scale:
 
     Log-transformed input (`log_scale`) is summed in the linear scale, `log1p(sum(expm1(x)))`, so that the bins of
     `normalize_total` + `log1p` input stay those of the counts when names repeat (a log-scale sum is the log of a
-    product). Only the tokens with several genes are recomputed; the others keep their values bit for bit.
+    product). Only the tokens with several genes are recomputed; all values are then snapped to 1e-9 (see below).
     """
     projected = (block @ projection).tocsr()
     if not log_scale:
@@ -86,7 +86,12 @@ def _sum_into_tokens(block: sp.csr_matrix, projection: sp.csr_matrix, log_scale:
     # (cells x tokens): the single-gene tokens as they were, plus the shared tokens summed in the linear scale.
     widen = sp.csr_matrix((np.ones(shared.size), (np.arange(shared.size), shared)),
                           shape=(shared.size, projection.shape[1]))
-    return (projected @ sp.diags(keep) + summed @ widen).tocsr()
+    combined = (projected @ sp.diags(keep) + summed @ widen).tocsr()
+    # expm1/log1p leave a few ulps of error, which would break the exact ties of count data between a summed gene
+    # and a single one (ties decide many bins: most droplet counts are 1). Distinct log-normalised counts lie >= 1e-6
+    # apart, so snapping to 1e-9 restores the ties and merges nothing.
+    combined.data = np.round(combined.data, 9)
+    return combined
 
 
 class PanFoMaGeneProcessor(ValueIdsMixin, FeatureExtractionMixin):
