@@ -487,7 +487,7 @@ def _in_cli_terms(message: str, parser: argparse.ArgumentParser | None) -> str:
         value = value.strip("'\"")
         return f"{flag} {value.strip('<>').upper() if value.startswith('<') else value}"
 
-    return re.sub(r"(?<![\w.\-])([a-z][a-z0-9_]*)=(True|'[^']*'|\"[^\"]*\"|<\w+>)", flag_for, message)
+    return re.sub(r"(?<![\w.\-])([a-z][a-z0-9_]*)=(True|'[^']*'|\"[^\"]*\"|<\w+>|\.\.\.)", flag_for, message)
 
 
 def _user_error_message(error: BaseException, parser: argparse.ArgumentParser | None) -> str | None:
