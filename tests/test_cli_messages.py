@@ -81,7 +81,8 @@ def test_preset_name_says_no_weights_are_published_without_touching_the_hub(tmp_
                      env={"HF_HUB_OFFLINE": None})
     assert_one_line_error(result, "no pretrained PanFoMa weights are published", "panfoma pretrain --config panfoma-base",
                           "PanFoMaConfig.from_preset")
-    result = run_cli("finetune", "panfoma-small", "bench", "-o", "runs/ft", cwd=tmp_path, env={"HF_HUB_OFFLINE": None})
+    # finetune takes the size presets themselves (random initialisation, see its --help), not made-up names.
+    result = run_cli("finetune", "panfoma-large", "bench", "-o", "runs/ft", cwd=tmp_path, env={"HF_HUB_OFFLINE": None})
     assert_one_line_error(result, "no pretrained PanFoMa weights are published", "panfoma pretrain")
     assert time.perf_counter() - start < 30
     assert not (tmp_path / "out.h5ad").exists()

@@ -204,7 +204,7 @@ def _check_model(value: str, flag: str, presets_allowed: bool = False) -> None:
         from panfoma import PANFOMA_PRESETS
 
         if value in PANFOMA_PRESETS:
-            return  # a size preset: a randomly initialised model (the evaluation's control track)
+            return  # a size preset: a randomly initialised model (evaluate's control track, finetune from scratch)
     try:
         check_pretrained_reference(value, flag)
     except (FileNotFoundError, ValueError) as error:
@@ -226,7 +226,7 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
-    _check_model(args.model, "model")
+    _check_model(args.model, "model", presets_allowed=True)  # a preset: fine-tuning from random initialisation
     from .finetune import run_finetune
 
     result = run_finetune(args)

@@ -81,8 +81,8 @@ def _check_model_folder(folder: Path) -> dict:
 #: A name that looks like a size preset (panfoma-tiny/-small/-base, or a made-up panfoma-large): never a checkpoint.
 _PRESET_LIKE = re.compile(r"^panfoma[-_][A-Za-z0-9._-]*$", re.IGNORECASE)
 NO_PUBLISHED_WEIGHTS = (
-    "no pretrained PanFoMa weights are published (on the Hub or elsewhere): {name!r} names a size preset, not a "
-    "checkpoint. Make a model first: `panfoma pretrain --config {preset} --dataset BENCH --output-dir runs/model` "
+    "no pretrained PanFoMa weights are published (on the Hub or elsewhere), and {name!r} is not a folder here: "
+    "panfoma-tiny/-small/-base name size presets, not checkpoints. Make a model first: `panfoma pretrain --config {preset} --dataset BENCH --output-dir runs/model` "
     "(in Python: `PanFoMaForPreTraining(PanFoMaConfig.from_preset({preset!r}, ...))`), then pass that folder"
 )
 
@@ -113,7 +113,8 @@ def check_pretrained_reference(model_name_or_path: str | os.PathLike, flag: str 
         raise ValueError(f"{flag} {text} is a file; pass the model folder (the output folder of `panfoma pretrain` "
                          "or `panfoma finetune`)")
     if _PRESET_LIKE.match(text):
-        preset = text.lower() if text.lower() in ("panfoma-tiny", "panfoma-small", "panfoma-base") else "panfoma-small"
+        # The pretraining presets (training/configs/*.yaml) that a user would train.
+        preset = text.lower() if text.lower() in ("panfoma-small", "panfoma-base") else "panfoma-small"
         raise FileNotFoundError(NO_PUBLISHED_WEIGHTS.format(name=text, preset=preset) + f" as {flag}.")
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
     looks_like_path = (text.startswith((".", "/", "~")) or "\\" in text or text.endswith("/") or text.count("/") != 1
