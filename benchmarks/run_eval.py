@@ -7,11 +7,14 @@ Usage (from the repository root):
     OMP_NUM_THREADS=1 python benchmarks/run_eval.py            # no model: the MODEL-FREE CONTROL (smoke run)
 
 With `--model PATH` (a PanFoMa folder with its processor, e.g. the one `benchmarks/pretrain_eval_model.py`
-writes), every cell task gets the PanFoMa zero-shot track (frozen `pooler_output` embeddings through
-`panfoma.training.evaluation.model_embed_fn`: a linear probe for the supervised tasks, scIB metrics for
-integration and multi-omic) and gene programs use its gene-token embeddings. The PBMC annotation also gets a
-fine-tuned track (`model_finetune_fn`: the checkpoint fine-tuned as a classifier for `--finetune-steps` steps on
-the training cells, best validation macro-F1 kept); `--finetune-steps 0` skips it. Tracks are named `panfoma_*`.
+writes, or a preset name such as `panfoma-small` for a randomly initialised model), the PanFoMa hooks come from
+`panfoma.training.evaluation.model_tracks` -- the same wiring as `panfoma evaluate --model ... --finetune`: every
+cell task gets the PanFoMa zero-shot track (frozen `pooler_output` embeddings over every expressed gene: a linear
+probe for the supervised tasks, scIB metrics for integration and multi-omic) and the `panfoma_random_init` control
+beside it (same config and processor, random weights); gene programs use its gene-token embeddings. The PBMC
+annotation also gets a fine-tuned track (`model_finetune_fn`: fine-tuned as a classifier for `--finetune-steps`
+steps on the training cells, best validation macro-F1 kept); `--finetune-steps 0` skips it. Tracks are named
+`panfoma_*`.
 
 Without `--model`, the cell embedding is a MODEL-FREE CONTROL (a fixed random projection of log-normalised
 expression, `random_projection_embedder`) and the gene embedding a fixed random vector per gene
@@ -109,6 +112,10 @@ def _track_kind(task: str, name: str) -> str | None:
     """Which summary column a track belongs to (None: not shown)."""
     if name.endswith("_finetuned"):
         return "fine-tuned"
+    if "_random_init" in name:
+        if task == "eval_multiomic":
+            return "random init" if name.endswith("_rna+protein") else None
+        return "random init"
     if task == "eval_multiomic":
         return {"baseline_pca_rna+protein": "baseline"}.get(name, "zero-shot" if name.endswith("_rna+protein") else None)
     if task == "eval_gene_programs":
@@ -122,8 +129,9 @@ def _track_kind(task: str, name: str) -> str | None:
 
 def write_summary(out: Path) -> Path:
     """`eval_summary.md`: one row per task and headline metric, model tracks beside the baseline (mean ± sd)."""
-    lines = ["| task | metric | model zero-shot | model fine-tuned | baseline | model track / baseline track |",
-             "|---|---|---|---|---|---|"]
+    kinds = ("zero-shot", "fine-tuned", "random init", "baseline")
+    lines = ["| task | metric | model zero-shot | model fine-tuned | random init | baseline | tracks |",
+             "|---|---|---|---|---|---|---|"]
     for subdir, title, metrics in SUMMARY_ROWS:
         files = sorted((out / subdir).glob("eval_*.json"))
         if not files:
@@ -141,9 +149,8 @@ def write_summary(out: Path) -> Path:
                 stat = columns[kind][1][metric]
                 return f"{stat['mean']:.3f} ± {stat['sd']:.3f}"
 
-            names = " / ".join(columns[k][0] for k in ("zero-shot", "fine-tuned", "baseline") if k in columns)
-            lines.append(f"| {title} | {metric} | {cell('zero-shot')} | {cell('fine-tuned')} | {cell('baseline')} "
-                         f"| {names} |")
+            names = " / ".join(columns[k][0] for k in kinds if k in columns)
+            lines.append(f"| {title} | {metric} | " + " | ".join(cell(k) for k in kinds) + f" | {names} |")
     path = out / "eval_summary.md"
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -174,7 +181,10 @@ def main(argv=None) -> int:
                         help="kept for older command lines: 'model' needs --model; default: model iff --model")
     parser.add_argument("--finetune-steps", type=int, default=60,
                         help="fine-tuned track of the PBMC annotation (optimiser steps; 0 skips it; needs --model)")
-    parser.add_argument("--finetune-learning-rate", type=float, default=5e-4, help="fine-tuned track: AdamW peak lr")
+    parser.add_argument("--finetune-learning-rate", type=float, default=None,
+                        help="fine-tuned track: backbone peak lr (default: panfoma.training.finetune's)")
+    parser.add_argument("--no-random-init-control", dest="random_init_control", action="store_false",
+                        help="skip the panfoma_random_init control tracks")
     parser.add_argument("--batch-size", type=int, default=64, help="embedding batch size (--model)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--tasks", nargs="+", default=["pancancer", "annotation", "integration", "gene_programs", "multiomic"])
@@ -195,15 +205,21 @@ def main(argv=None) -> int:
     use_model = args.model is not None and args.embedding != "control"
     if args.finetune_steps < 0:
         parser.error("--finetune-steps must be >= 0")
-    finetune_fn = None
+    finetune_fn = control_fn = None
+    track_notes: list[str] = []
     if use_model:
-        embed_fn, gene_fn = ev.model_embed_fn(args.model, batch_size=args.batch_size)
+        from panfoma.training.finetune import DEFAULT_LEARNING_RATE
+
+        tracks = ev.model_tracks(args.model, random_init_control=args.random_init_control,
+                                 finetune=bool(args.finetune_steps), finetune_output_dir=REPO / "runs" / "eval-finetune",
+                                 finetune_steps=args.finetune_steps or None,
+                                 finetune_learning_rate=args.finetune_learning_rate or DEFAULT_LEARNING_RATE,
+                                 batch_size=args.batch_size)
+        embed_fn, gene_fn, control_fn, finetune_fn = (tracks.embed_fn, tracks.gene_fn, tracks.random_init_embed_fn,
+                                                      tracks.finetune_fn)
+        track_notes = tracks.notes
         model_name = "panfoma"
         model_note = _model_note(args.model)
-        if args.finetune_steps:
-            finetune_fn = ev.model_finetune_fn(args.model, REPO / "runs" / "eval-finetune",
-                                               max_steps=args.finetune_steps, eval_every=max(1, args.finetune_steps // 4),
-                                               learning_rate=args.finetune_learning_rate)
     else:
         embed_fn, gene_fn = ev.random_projection_embedder(n_components=64, seed=0), None
         model_name = "control_random_projection"
@@ -217,7 +233,7 @@ def main(argv=None) -> int:
     def finish(report, subdir, *notes):
         report["command"] = command
         report["date"] = date
-        report.setdefault("notes", [])[:0] = [model_note, *notes]
+        report.setdefault("notes", [])[:0] = [model_note, *track_notes, *notes]
         out = args.out / subdir
         if out.is_dir():
             # A previous run may have had other tracks (e.g. the control's confusion plots): start clean.
@@ -226,11 +242,16 @@ def main(argv=None) -> int:
         ev.write_report(report, out)
 
     def embedded(adata, what: str):
-        """`adata` with the cell embedding in obsm["X_eval"], computed once and shared by the tasks using it."""
+        """`adata` with the cell embeddings in obsm["X_eval"] (and the random-init control's in
+        obsm["X_eval_random_init"]), computed once and shared by the tasks using them."""
         t0 = time.perf_counter()
         adata.obsm["X_eval"] = embed_fn(adata)
+        if control_fn is not None:
+            adata.obsm["X_eval_random_init"] = control_fn(adata)
         timings[f"embed_{what}"] = time.perf_counter() - t0
         return adata
+
+    control_key = "X_eval_random_init" if control_fn is not None else None
 
     shared_note = ("The cell embedding was computed once per dataset (all its cells, before any split) and read "
                    "from obsm['X_eval']: frozen embeddings need no training, so no test information enters them.")
@@ -244,7 +265,8 @@ def main(argv=None) -> int:
             part.obs_names = [f"{path.stem}:{n}" for n in part.obs_names]
             parts.append(part)
         cancer = ad.concat(parts, join="inner")
-        finish(ev.evaluate_pancancer(cancer, embed_fn, model_name=model_name, study_key="dataset", seeds=seeds,
+        finish(ev.evaluate_pancancer(cancer, embed_fn, random_init_embed_fn=control_fn, model_name=model_name,
+                                     study_key="dataset", seeds=seeds,
                                      dataset_name=f"cancer/*.h5ad (5 studies, {cancer.n_vars} shared genes)"),
                "eval_pancancer")
         timings["pancancer"] = time.perf_counter() - t0
@@ -254,13 +276,8 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         pbmc = ad.read_h5ad(args.data_dir / "pbmc" / "pbmc68k_reduced_counts.h5ad")
         notes = []
-        if finetune_fn is not None:
-            notes.append(f"Fine-tuned track: PanFoMaForCellClassification from the checkpoint, {args.finetune_steps} "
-                         "optimiser steps of 16 cells on the training cells (AdamW, peak lr "
-                         f"{args.finetune_learning_rate:g}, 10% warmup, linear decay), validation "
-                         f"macro-F1 checked every {max(1, args.finetune_steps // 4)} steps, best kept "
-                         "(transformers.Trainer, panfoma.training.evaluation.model_finetune_fn).")
-        finish(ev.evaluate_annotation(pbmc, embed_fn, finetune_fn=finetune_fn, model_name=model_name, n_top_genes=500,
+        finish(ev.evaluate_annotation(pbmc, embed_fn, random_init_embed_fn=control_fn, finetune_fn=finetune_fn,
+                                      model_name=model_name, n_top_genes=500,
                                       seeds=seeds, dataset_name="pbmc68k_reduced_counts (765 HVGs only)"),
                "eval_annotation_pbmc68k", *notes)
         timings["annotation_pbmc68k"] = time.perf_counter() - t0
@@ -273,6 +290,7 @@ def main(argv=None) -> int:
             notes.append("No fine-tuned track here: fine-tuning on ~1,000 cells with ~5,000 detected genes each does "
                          "not fit this run's CPU budget (it does for the PBMC annotation).")
         finish(ev.evaluate_annotation(lung[~is_query].copy(), embedding_key="X_eval", query=lung[is_query].copy(),
+                                      random_init_embedding_key=control_key,
                                       model_name=model_name, seeds=seeds,
                                       dataset_name="cellbench lung cell lines: CEL-seq2 (4 batches) -> Drop-seq"),
                "eval_annotation_cellbench_transfer", *notes)
@@ -283,7 +301,8 @@ def main(argv=None) -> int:
         if lung is None:
             lung = embedded(ev.standardize_gene_names(
                 ad.read_h5ad(args.data_dir / "cancer" / "cellbench_lung_celllines.h5ad")), "lung")
-        finish(ev.evaluate_integration(lung, embedding_key="X_eval", model_name=model_name, seeds=seeds,
+        finish(ev.evaluate_integration(lung, embedding_key="X_eval", random_init_embedding_key=control_key,
+                                       model_name=model_name, seeds=seeds,
                                        dataset_name="cellbench lung cell lines (5 batches)"),
                "eval_integration", shared_note,
                *(["No fine-tuned track: no fine-tuned embedding model was trained in this run."] if use_model else []))
@@ -313,7 +332,7 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         if cite is None:
             cite, _ = load_cite(args.data_dir)
-        report = ev.evaluate_multiomic(cite, embed_fn, model_name=model_name, seeds=seeds,
+        report = ev.evaluate_multiomic(cite, embed_fn, random_init_embed_fn=control_fn, model_name=model_name, seeds=seeds,
                                        dataset_name="PBMC CITE-seq 5k+10k (400 cells, 2 batches)")
         report["data"]["label_source"] = "protein gating (run_eval.gate_protein_labels)"
         finish(report, "eval_multiomic",

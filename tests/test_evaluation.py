@@ -350,10 +350,12 @@ def test_multiomic_end_to_end():
     run_eval = _load_run_eval()
     cite, proteins = run_eval.load_cite(need_data("multiome").parent)
     cite = _subset(cite, 250)
-    report = ev.evaluate_multiomic(cite, CONTROL, model_name="control", seeds=(0,), n_protein_components=10, **FAST)
+    report = ev.evaluate_multiomic(cite, CONTROL, model_name="control", seeds=(0,), n_protein_components=10,
+                                   random_init_embed_fn=ev.random_projection_embedder(32, seed=1), **FAST)
     tracks = report["tracks"]
     assert set(tracks) == {"control_rna+protein", "control_rna_only", "baseline_pca_rna+protein",
-                           "baseline_pca_rna_only", "protein_pca_only"}
+                           "baseline_pca_rna_only", "protein_pca_only", "control_random_init_rna+protein",
+                           "control_random_init_rna_only"}
     assert report["data"]["batches"] and len(report["data"]["batches"]) == 2
     # labels are protein-gated, so adding the protein block must help the RNA-only control
     assert tracks["control_rna+protein"]["summary"]["Avg_bio"]["mean"] > tracks["control_rna_only"]["summary"]["Avg_bio"]["mean"]
@@ -405,6 +407,78 @@ def test_annotation_with_a_real_panfoma_checkpoint(tmp_path):
     assert set(predicted.columns) <= set(pbmc.obs["cell_type"])
     assert int(predicted.to_numpy().sum()) == report["data"]["n_reference_cells"] - len(train_cells) - len(val_cells)
     assert not (tmp_path / "ft" / "seed0-1").exists()  # fine-tuning checkpoints are cleaned up
+
+
+def _write_subset(path: Path, adata) -> str:
+    adata.write_h5ad(path)
+    return str(path)
+
+
+def test_evaluate_cli_annotation_reaches_the_finetuned_track_and_the_random_init_control(tmp_path):
+    """`panfoma evaluate annotation DATA --model CKPT --finetune`: every track, in the documented JSON layout."""
+    from training_helpers import save_tiny_pretrained
+
+    pbmc = _subset(ad.read_h5ad(need_data("pbmc", "pbmc68k_reduced_counts.h5ad")), 150)
+    common = pbmc.obs["cell_type"].value_counts()
+    pbmc = pbmc[pbmc.obs["cell_type"].isin(common.index[common >= 12])].copy()
+    data = _write_subset(tmp_path / "pbmc.h5ad", pbmc)
+    checkpoint = str(save_tiny_pretrained(tmp_path / "model", max_genes=64))
+    parser = argparse.ArgumentParser()
+    ev.add_evaluate_arguments(parser)
+    args = parser.parse_args(["annotation", data, "--model", checkpoint, "--finetune", "--finetune-steps", "2",
+                              "--seeds", "0", "--output-dir", str(tmp_path / "out"), "--device", "cpu"])
+    report = ev.run_evaluate(args)
+    assert set(report["tracks"]) == {"panfoma_linear_probe", "panfoma_random_init", "panfoma_finetuned",
+                                     "baseline_pca_hvg"}
+    saved = json.loads((tmp_path / "out" / "eval_annotation.json").read_text())
+    for track in saved["tracks"].values():
+        assert np.isfinite(track["summary"]["macro_f1"]["mean"]) and len(track["summary"]["accuracy"]["values"]) == 1
+    assert saved["protocol"]["random_init_control"] == f"embed_fn panfoma_random_init:{checkpoint}"
+    assert any("panfoma_finetuned" in note for note in saved["notes"])
+    # the control is the same architecture with other weights: same width, different embeddings
+    model_embed, _ = ev.model_embed_fn(checkpoint, device="cpu")
+    control_embed, _ = ev.model_embed_fn(checkpoint, device="cpu", random_init=True)
+    first = pbmc[:8].copy()
+    z_model, z_control = model_embed(first), control_embed(first)
+    assert z_model.shape == z_control.shape and not np.allclose(z_model, z_control, atol=1e-3)
+    assert not (tmp_path / "out" / "finetune" / "seed0-1").exists()  # fine-tuning checkpoints are cleaned up
+    with pytest.raises(ValueError, match="--finetune needs --model"):
+        ev.run_evaluate(parser.parse_args(["annotation", data, "--finetune", "--output-dir", str(tmp_path / "x")]))
+
+
+def test_evaluate_cli_pancancer_finetunes_a_preset_model(tmp_path):
+    """`--model panfoma-tiny`: a randomly initialised model with the default processor, fine-tuned per fold."""
+    parts = []
+    for name, n in (("colon_cancer_10x_infercnv.h5ad", 45), ("oligodendroglioma_tirosh2016.h5ad", 45)):
+        part = _subset(ad.read_h5ad(need_data("cancer", name)), n)
+        part.obs["dataset"] = name.split(".")[0]
+        part.obs_names = [f"{name}:{c}" for c in part.obs_names]
+        parts.append(ev.standardize_gene_names(part))
+    cancer = ad.concat(parts, join="inner")
+    detected = np.asarray((cancer.X > 0).sum(axis=0)).ravel()
+    cancer = cancer[:, np.sort(np.argsort(-detected)[:300])].copy()  # 300 genes: a fast CPU test, same wiring
+    data = _write_subset(tmp_path / "cancer.h5ad", cancer)
+    parser = argparse.ArgumentParser()
+    ev.add_evaluate_arguments(parser)
+    args = parser.parse_args(["pancancer", data, "--model", "panfoma-tiny", "--finetune", "--finetune-steps", "1",
+                              "--n-splits", "3", "--seeds", "0", "--output-dir", str(tmp_path / "out"),
+                              "--device", "cpu"])
+    report = ev.run_evaluate(args)
+    # A preset is itself randomly initialised: no separate control, and the notes say so.
+    assert set(report["tracks"]) == {"panfoma_linear_probe", "panfoma_finetuned", "baseline_pca_hvg"}
+    assert any("itself randomly initialised" in note for note in report["notes"])
+    finetuned = report["tracks"]["panfoma_finetuned"]["summary"]
+    assert np.isfinite(finetuned["patient_macro_f1"]["mean"]) and finetuned["cell_accuracy"]["values"]
+
+
+def test_integration_reports_the_random_init_control_beside_the_model():
+    lung = _subset(ad.read_h5ad(need_data("cancer", "cellbench_lung_celllines.h5ad")), 120)
+    report = ev.evaluate_integration(lung, CONTROL, random_init_embed_fn=ev.random_projection_embedder(32, seed=1),
+                                     model_name="control", seeds=(0,), **FAST)
+    assert set(report["tracks"]) == {"control_zero_shot", "control_random_init", "baseline_pca_hvg"}
+    zero_shot, control = (report["tracks"][t]["summary"]["NMI"]["mean"] for t in ("control_zero_shot",
+                                                                                   "control_random_init"))
+    assert zero_shot != control  # two different embeddings, scored separately
 
 
 def test_model_finetune_fn_rejects_bad_schedule():

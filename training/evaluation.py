@@ -27,6 +27,17 @@ Every task takes ``model_name`` (default ``"panfoma"``), the prefix of the model
 (``<model_name>_linear_probe``, ``<model_name>_zero_shot``...): a stand-in must be named as such
 (e.g. ``"control_random_projection"``) so that no report presents it as PanFoMa.
 
+Random-init control: every zero-shot task also takes ``random_init_embed_fn`` / ``random_init_embedding_key``,
+the embeddings of a randomly initialised model of the *same* config with the same processor and seeds
+(``model_embed_fn(..., random_init=True)``), reported as the track ``<model_name>_random_init`` beside the model
+(multi-omic: ``<model_name>_random_init_rna+protein`` / ``_rna_only``). What pretraining adds is the gap between
+the two. ``model_tracks`` builds every PanFoMa hook of a run (zero-shot, random-init control, fine-tuned) from one
+model argument (checkpoint, Hub id or preset name); ``panfoma evaluate`` and ``benchmarks/run_eval.py`` both use it.
+
+Report layout (JSON): ``tracks.<track>.summary.<metric>.mean`` (and ``.sd``, ``.values``), with the track names
+``panfoma_linear_probe`` / ``panfoma_zero_shot`` (model), ``panfoma_random_init`` (control),
+``panfoma_finetuned`` (fine-tuned) and ``baseline_pca_hvg`` (baseline).
+
 Honesty rules (DESIGN.md section 7): patient-grouped splits for cancer tasks; zero-shot and fine-tuned
 tracks reported separately; the baseline (PCA of log-normalised HVGs + logistic regression) always
 beside PanFoMa; model selection on validation only; every report states data, split, seeds and
@@ -39,6 +50,7 @@ import json
 import logging
 import sys
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
@@ -48,6 +60,7 @@ import scipy.sparse as sp
 from tqdm.auto import tqdm
 
 from .eval_gene_sets import default_gene_families
+from .finetune import DEFAULT_HEAD_LEARNING_RATE, DEFAULT_LEARNING_RATE, DEFAULT_MAX_GENES, DEFAULT_TRAIN_BATCH_SIZE
 from .eval_metrics import (
     DEFAULT_C_GRID,
     DEFAULT_RESOLUTIONS,
@@ -90,6 +103,8 @@ __all__ = [
     "run_evaluate",
     "model_embed_fn",
     "model_finetune_fn",
+    "model_tracks",
+    "PanFoMaTracks",
 ]
 
 
@@ -226,12 +241,22 @@ def _track_predictions(
     return {name: np.asarray(fit_predict(*split)).astype(str) for name, fit_predict in tracks.items()}
 
 
+def _probe_embeddings(model_name: str, model: tuple, control: tuple) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Linear-probe tracks: ``<model_name>_linear_probe`` and ``<model_name>_random_init`` where embeddings exist."""
+    tracks = {}
+    if model[0] is not None:
+        tracks[f"{model_name}_linear_probe"] = model
+    if control[0] is not None:
+        tracks[f"{model_name}_random_init"] = control
+    return tracks
+
+
 def _build_tracks(
     adata,
     lognorm,
     labels: np.ndarray,
     label_key: str,
-    embedding: np.ndarray | None,
+    probe_embeddings: Mapping[str, tuple[np.ndarray, np.ndarray]],
     finetune_fn: FinetuneFn | None,
     seed: int,
     c_grid: Sequence[float],
@@ -239,25 +264,28 @@ def _build_tracks(
     n_components: int,
     query=None,
     query_lognorm=None,
-    query_embedding: np.ndarray | None = None,
     model_name: str = "panfoma",
 ) -> dict[str, Callable]:
     """Closures ``fit_predict(fit_idx, val_idx, test_idx) -> predictions`` for each track.
 
-    Without ``query``, indices refer to ``adata`` throughout. With ``query`` (transfer), fit/val
-    indices refer to the reference ``adata`` and ``test_idx`` to ``query``.
+    ``probe_embeddings`` maps a track name to ``(embedding of adata, embedding of the test cells' AnnData)``: each
+    gets a linear probe. Without ``query``, indices refer to ``adata`` throughout. With ``query`` (transfer),
+    fit/val indices refer to the reference ``adata`` and ``test_idx`` to ``query``.
     """
     test_adata = adata if query is None else query
     test_lognorm = lognorm if query is None else query_lognorm
-    test_embedding = embedding if query is None else query_embedding
     tracks: dict[str, Callable] = {}
 
-    if embedding is not None:
-        def probe_embedding(fit_idx, val_idx, test_idx):
-            probe = LinearProbe(c_grid=c_grid, seed=seed).fit(embedding[fit_idx], labels[fit_idx], embedding[val_idx], labels[val_idx])
-            return probe.predict(test_embedding[test_idx])
+    def probe(embedding, test_embedding):
+        def fit_predict(fit_idx, val_idx, test_idx):
+            fitted = LinearProbe(c_grid=c_grid, seed=seed).fit(embedding[fit_idx], labels[fit_idx],
+                                                                embedding[val_idx], labels[val_idx])
+            return fitted.predict(test_embedding[test_idx])
 
-        tracks[f"{model_name}_linear_probe"] = probe_embedding
+        return fit_predict
+
+    for name, (embedding, test_embedding) in probe_embeddings.items():
+        tracks[name] = probe(embedding, test_embedding)
 
     if finetune_fn is not None:
         def finetune(fit_idx, val_idx, test_idx):
@@ -270,10 +298,10 @@ def _build_tracks(
         # PCA is fitted on the training cells only (fit + val), then applied to the test cells.
         pca = HVGPCABaseline(n_top_genes=n_top_genes, n_components=n_components, seed=seed, input_is_lognorm=True)
         pca.fit(lognorm[np.concatenate([fit_idx, val_idx])])
-        probe = LinearProbe(c_grid=c_grid, seed=seed).fit(
+        probe_ = LinearProbe(c_grid=c_grid, seed=seed).fit(
             pca.transform(lognorm[fit_idx]), labels[fit_idx], pca.transform(lognorm[val_idx]), labels[val_idx]
         )
-        return probe.predict(pca.transform(test_lognorm[test_idx]))
+        return probe_.predict(pca.transform(test_lognorm[test_idx]))
 
     tracks[BASELINE_TRACK] = baseline
     return tracks
@@ -302,6 +330,8 @@ def evaluate_pancancer(
     embed_fn: EmbedFn | None = None,
     *,
     embedding_key: str | None = None,
+    random_init_embed_fn: EmbedFn | None = None,
+    random_init_embedding_key: str | None = None,
     finetune_fn: FinetuneFn | None = None,
     label_key: str = "cancer_type",
     patient_key: str = "patient",
@@ -334,6 +364,7 @@ def evaluate_pancancer(
         adata: raw-count AnnData with ``obs[label_key]``, ``obs[patient_key]`` (and ``obs[study_key]``).
         embed_fn / embedding_key: PanFoMa cell embeddings (see module docstring); both None runs the
             baseline only.
+        random_init_embed_fn / random_init_embedding_key: the random-init control's embeddings (optional).
         finetune_fn: optional fine-tuned track hook.
         seeds: one full cross-validation per seed (>= 3 recommended).
         output_dir: where to write ``eval_pancancer.{json,md}`` and plots (None: write nothing).
@@ -374,12 +405,15 @@ def evaluate_pancancer(
     n_splits = int(min(n_splits, group_counts[kept_classes].min()))
 
     embedding = _resolve_embedding(adata, embed_fn, embedding_key, "evaluate_pancancer")
+    control = _resolve_embedding(adata, random_init_embed_fn, random_init_embedding_key,
+                                 "evaluate_pancancer (random init)")
+    probe_embeddings = _probe_embeddings(model_name, (embedding, embedding), (control, control))
     lognorm = log_normalize(adata)
 
     runs: dict[str, list[dict]] = {}
     for seed in tqdm(list(seeds), desc="pan-cancer seeds"):
-        tracks = _build_tracks(adata, lognorm, labels, label_key, embedding, finetune_fn, seed, c_grid, n_top_genes,
-                               n_components, model_name=model_name)
+        tracks = _build_tracks(adata, lognorm, labels, label_key, probe_embeddings, finetune_fn, seed, c_grid,
+                               n_top_genes, n_components, model_name=model_name)
         pooled = {name: np.empty(len(labels), dtype=object) for name in tracks}
         for fit_idx, val_idx, test_idx in _grouped_splits(labels, groups, n_splits, seed):
             for name, pred in _track_predictions(tracks, (fit_idx, val_idx, test_idx)).items():
@@ -416,6 +450,7 @@ def evaluate_pancancer(
             "baseline": f"PCA ({n_components} comps) of log-normalised top-{n_top_genes} HVGs fitted on training cells + logistic regression",
             "patient_level": "majority vote of the patient's test-cell predictions",
             "embedding": _embedding_source(embed_fn, embedding_key),
+            "random_init_control": _embedding_source(random_init_embed_fn, random_init_embedding_key, "not run"),
         },
         "tracks": {name: {"per_seed": r, "summary": _summarise_runs(r)} for name, r in runs.items()},
         "confound": confound,
@@ -477,12 +512,12 @@ def _study_confound(adata, lognorm, studies, labels, embedding, seeds, c_grid, n
     return result
 
 
-def _embedding_source(embed_fn, embedding_key) -> str:
+def _embedding_source(embed_fn, embedding_key, missing: str = "none (baseline only)") -> str:
     if embedding_key is not None:
         return f"precomputed adata.obsm['{embedding_key}']"
     if embed_fn is not None:
         return f"embed_fn {getattr(embed_fn, '__name__', repr(embed_fn))}"
-    return "none (baseline only)"
+    return missing
 
 
 # ----------------------------------------------------------------------------------------------
@@ -494,6 +529,8 @@ def evaluate_annotation(
     *,
     query=None,
     embedding_key: str | None = None,
+    random_init_embed_fn: EmbedFn | None = None,
+    random_init_embedding_key: str | None = None,
     finetune_fn: FinetuneFn | None = None,
     label_key: str = "cell_type",
     seeds: Sequence[int] = DEFAULT_SEEDS,
@@ -517,6 +554,8 @@ def evaluate_annotation(
           from the reference are counted as errors and listed as ``unseen_query_types``.
 
     Classes with fewer than ``min_cells_per_class`` cells (in the reference) are dropped and listed.
+    Tracks: ``<model_name>_linear_probe``, ``<model_name>_random_init`` (when ``random_init_embed_fn`` /
+    ``random_init_embedding_key`` is given), ``<model_name>_finetuned`` (``finetune_fn``), ``baseline_pca_hvg``.
     Returns the report dict; writes ``eval_annotation.{json,md}`` and plots when ``output_dir`` is set.
 
     Example:
@@ -549,7 +588,14 @@ def evaluate_annotation(
         if len(shared) < 200:
             raise ValueError(f"Reference and query share only {len(shared)} genes; standardise gene names first.")
         query_embedding = _resolve_embedding(query, embed_fn, embedding_key, "evaluate_annotation (query)")
+        query_control = _resolve_embedding(query, random_init_embed_fn, random_init_embedding_key,
+                                           "evaluate_annotation (query, random init)")
     embedding = _resolve_embedding(adata, embed_fn, embedding_key, "evaluate_annotation (reference)")
+    control = _resolve_embedding(adata, random_init_embed_fn, random_init_embedding_key,
+                                 "evaluate_annotation (reference, random init)")
+    if query is None:
+        query_embedding, query_control = embedding, control
+    probe_embeddings = _probe_embeddings(model_name, (embedding, query_embedding), (control, query_control))
     lognorm = log_normalize(adata)
     if query is not None:
         # The baseline needs one gene space: restrict both sides to the shared genes.
@@ -568,9 +614,9 @@ def evaluate_annotation(
             test_truth = query_labels
         val_fraction = val_size / (1 - test_size) if query is None else val_size
         fit_idx, val_idx = train_test_split(train_idx, test_size=val_fraction, stratify=ref_labels[train_idx], random_state=seed)
-        tracks = _build_tracks(adata, lognorm, ref_labels, label_key, embedding, finetune_fn, seed, c_grid,
+        tracks = _build_tracks(adata, lognorm, ref_labels, label_key, probe_embeddings, finetune_fn, seed, c_grid,
                                n_top_genes, n_components, query=query, query_lognorm=query_lognorm,
-                               query_embedding=query_embedding, model_name=model_name)
+                               model_name=model_name)
         for name, pred in _track_predictions(tracks, (np.sort(fit_idx), np.sort(val_idx), test_idx)).items():
             m = classification_metrics(test_truth, pred)
             runs.setdefault(name, []).append({"seed": int(seed), "accuracy": m["accuracy"], "macro_f1": m["macro_f1"]})
@@ -593,6 +639,7 @@ def evaluate_annotation(
             "model_selection": "probe C by validation macro-F1; the fine-tuned hook receives only train/val",
             "baseline": f"PCA ({n_components} comps) of log-normalised top-{n_top_genes} HVGs fitted on training cells + logistic regression",
             "embedding": _embedding_source(embed_fn, embedding_key),
+            "random_init_control": _embedding_source(random_init_embed_fn, random_init_embedding_key, "not run"),
         },
         "tracks": {name: {"per_seed": r, "summary": _summarise_runs(r)} for name, r in runs.items()},
         "headline_metrics": ["accuracy", "macro_f1"],
@@ -611,6 +658,8 @@ def evaluate_integration(
     embed_fn: EmbedFn | None = None,
     *,
     embedding_key: str | None = None,
+    random_init_embed_fn: EmbedFn | None = None,
+    random_init_embedding_key: str | None = None,
     finetuned_embed_fn: EmbedFn | None = None,
     finetuned_embedding_key: str | None = None,
     extra_embeddings: Mapping[str, np.ndarray] | None = None,
@@ -629,7 +678,8 @@ def evaluate_integration(
 ) -> dict:
     """Batch integration with scIB metrics (``scib`` package): Avg_bio and Avg_batch per track.
 
-    Tracks: ``panfoma_zero_shot`` (``embed_fn``/``embedding_key``), ``panfoma_finetuned``
+    Tracks: ``panfoma_zero_shot`` (``embed_fn``/``embedding_key``), ``panfoma_random_init`` (the random-init
+    control, ``random_init_embed_fn``/``random_init_embedding_key``), ``panfoma_finetuned``
     (``finetuned_embed_fn``/``finetuned_embedding_key``), any ``extra_embeddings`` (name -> array), and
     the baseline ``baseline_pca_hvg`` (PCA of log-normalised HVGs of all cells: no batch correction).
     Each track: 15-NN graph, NMI-optimal clustering over ``resolutions``, NMI/ARI/ASW_label,
@@ -653,6 +703,10 @@ def evaluate_integration(
         zero_shot = _resolve_embedding(sub, embed_fn, embedding_key, "evaluate_integration (zero-shot)")
         if zero_shot is not None:
             embeddings[f"{model_name}_zero_shot"] = zero_shot
+        control = _resolve_embedding(sub, random_init_embed_fn, random_init_embedding_key,
+                                     "evaluate_integration (random init)")
+        if control is not None:
+            embeddings[f"{model_name}_random_init"] = control
         finetuned = _resolve_embedding(sub, finetuned_embed_fn, finetuned_embedding_key, "evaluate_integration (fine-tuned)")
         if finetuned is not None:
             embeddings[f"{model_name}_finetuned"] = finetuned
@@ -685,6 +739,7 @@ def evaluate_integration(
             "tracks": "zero-shot and fine-tuned PanFoMa embeddings are separate tracks",
             "baseline": f"PCA ({n_components} comps) of log-normalised top-{n_top_genes} HVGs (unintegrated)",
             "embedding": _embedding_source(embed_fn, embedding_key),
+            "random_init_control": _embedding_source(random_init_embed_fn, random_init_embedding_key, "not run"),
         },
         "tracks": {name: {"per_seed": r, "summary": _summarise_runs(r)} for name, r in runs.items()},
         "nmi_by_resolution_first_seed": curves,
@@ -861,6 +916,8 @@ def evaluate_multiomic(
     embed_fn: EmbedFn | None = None,
     *,
     embedding_key: str | None = None,
+    random_init_embed_fn: EmbedFn | None = None,
+    random_init_embedding_key: str | None = None,
     protein_key: str = "protein_expression",
     label_key: str = "cell_type",
     batch_key: str | None = "batch",
@@ -881,7 +938,8 @@ def evaluate_multiomic(
     each dimension and scales the block to unit total variance, so the two modalities weigh equally.
     PanFoMa embeds RNA only; protein enters through its CLR-normalised PCA. Tracks:
     ``panfoma_rna+protein``, ``panfoma_rna_only``, baseline ``baseline_pca_rna+protein`` (concatenated
-    per-modality PCA with the same block weighting), ``baseline_pca_rna_only``, ``protein_pca_only``.
+    per-modality PCA with the same block weighting), ``baseline_pca_rna_only``, ``protein_pca_only``, and with
+    the random-init control ``panfoma_random_init_rna+protein`` / ``panfoma_random_init_rna_only``.
 
     Example:
         >>> evaluate_multiomic(cite_adata, embed_fn, label_key="cell_type")  # doctest: +SKIP
@@ -895,6 +953,8 @@ def evaluate_multiomic(
     if not seeds:
         raise ValueError("seeds must contain at least one seed.")
     rna = _resolve_embedding(adata, embed_fn, embedding_key, "evaluate_multiomic")
+    control = _resolve_embedding(adata, random_init_embed_fn, random_init_embedding_key,
+                                 "evaluate_multiomic (random init)")
     runs: dict[str, list[dict]] = {}
     for seed in tqdm(list(seeds), desc="multi-omic seeds"):
         prot = protein_pca(protein, n_protein_components, seed)
@@ -903,6 +963,9 @@ def evaluate_multiomic(
         if rna is not None:
             embeddings[f"{model_name}_rna+protein"] = np.concatenate([_block(rna), _block(prot)], axis=1)
             embeddings[f"{model_name}_rna_only"] = rna
+        if control is not None:
+            embeddings[f"{model_name}_random_init_rna+protein"] = np.concatenate([_block(control), _block(prot)], axis=1)
+            embeddings[f"{model_name}_random_init_rna_only"] = control
         embeddings["baseline_pca_rna+protein"] = np.concatenate([_block(rna_pca), _block(prot)], axis=1)
         embeddings["baseline_pca_rna_only"] = rna_pca
         embeddings["protein_pca_only"] = prot
@@ -927,6 +990,7 @@ def evaluate_multiomic(
             "seeds": [int(s) for s in seeds], "seed_effect": "clustering random state only; no training",
             "baseline": f"concatenated per-modality PCA: RNA ({n_components} comps, top-{n_top_genes} HVGs) + protein",
             "embedding": _embedding_source(embed_fn, embedding_key),
+            "random_init_control": _embedding_source(random_init_embed_fn, random_init_embedding_key, "not run"),
         },
         "tracks": {name: {"per_seed": r, "summary": _summarise_runs(r)} for name, r in runs.items()},
         "headline_metrics": ["Avg_bio", "NMI", "ARI", "ASW_label", "Avg_batch"],
@@ -1092,7 +1156,8 @@ def add_evaluate_arguments(parser) -> None:
     def common(p, label_default: str):
         p.add_argument("data", nargs="+", help=".h5ad file(s); several files are concatenated (shared genes)")
         source = p.add_mutually_exclusive_group()
-        source.add_argument("--model", help="PanFoMa checkpoint (directory or Hub id) to embed cells with")
+        source.add_argument("--model", help="PanFoMa checkpoint (directory or Hub id) to embed cells with, or a preset "
+                            "name (panfoma-tiny/-small/-base: randomly initialised, default processor)")
         source.add_argument("--embedding-key", help="use a precomputed adata.obsm key instead of a model")
         source.add_argument("--random-projection-control", action="store_true",
                             help="use the model-free random-projection control instead of a model (smoke runs)")
@@ -1105,9 +1170,28 @@ def add_evaluate_arguments(parser) -> None:
                        help="map var_names to HGNC symbols (PanFoMa vocabulary) before concatenating")
         p.add_argument("--batch-size", type=int, default=64, help="embedding batch size (--model)")
         p.add_argument("--device", default=None, help="device for --model (default: cuda if available)")
+        p.add_argument("--no-random-init-control", dest="random_init_control", action="store_false",
+                       help="skip the panfoma_random_init track (a randomly initialised model of the same config, "
+                       "beside --model in every zero-shot table)")
+
+    def finetune_options(p):
+        p.add_argument("--finetune", action="store_true",
+                       help="add the panfoma_finetuned track: fine-tune --model on each split's training cells")
+        p.add_argument("--finetune-steps", type=int, default=None,
+                       help="optimiser steps per fine-tuning (default: the panfoma finetune recipe's epochs and "
+                       "early stopping)")
+        p.add_argument("--finetune-learning-rate", type=float, default=DEFAULT_LEARNING_RATE,
+                       help=f"backbone peak learning rate (default {DEFAULT_LEARNING_RATE:g})")
+        p.add_argument("--finetune-head-learning-rate", type=float, default=DEFAULT_HEAD_LEARNING_RATE,
+                       help="classifier head / input embedding peak learning rate (default: "
+                       + ("--finetune-learning-rate" if DEFAULT_HEAD_LEARNING_RATE is None
+                          else f"{DEFAULT_HEAD_LEARNING_RATE:g}") + ")")
+        p.add_argument("--finetune-output-dir", default=None,
+                       help="temporary fine-tuning checkpoints (default: OUTPUT_DIR/finetune; removed after each run)")
 
     p = tasks.add_parser("pancancer", help="cancer-type classification, patient-grouped")
     common(p, "cancer_type")
+    finetune_options(p)
     p.add_argument("--patient-key", default="patient")
     p.add_argument("--study-key", default="dataset")
     p.add_argument("--group-by", choices=("patient", "study"), default="patient")
@@ -1116,6 +1200,7 @@ def add_evaluate_arguments(parser) -> None:
 
     p = tasks.add_parser("annotation", help="cell-type annotation (stratified split or reference -> query)")
     common(p, "cell_type")
+    finetune_options(p)
     p.add_argument("--query", nargs="+", default=None, help="query .h5ad file(s): transfer mode")
     p.add_argument("--query-batches", nargs="+", default=None,
                    help="instead of --query: cells whose --batch-key is one of these form the query")
@@ -1162,22 +1247,28 @@ def _read_inputs(paths: Sequence[str], study_from_file: bool, standardize: bool)
     return ad.concat([p[:, shared] for p in parts], join="inner", merge="same")
 
 
-def model_embed_fn(model_name_or_path: str, batch_size: int = 64, device: str | None = None) -> tuple[EmbedFn, Callable]:
+def model_embed_fn(model_name_or_path: str, batch_size: int = 64, device: str | None = None, *,
+                   random_init: bool = False, max_genes: int | None = None) -> tuple[EmbedFn, Callable]:
     """``embed_fn`` and ``gene_fn(gene_names) -> (embeddings, symbols)`` backed by a PanFoMa checkpoint.
 
-    Uses ``panfoma.training.embed`` (``load_model_and_processor``, ``embed_adata``, ``gene_embeddings``).
+    Uses ``panfoma.training.embed`` (``load_model_and_processor``, ``embed_adata``, ``gene_embeddings``), so every
+    expressed gene of each cell is used unless ``max_genes`` caps it. ``model_name_or_path`` may be a preset name
+    (``"panfoma-small"``: a randomly initialised model with the default processor). ``random_init=True`` gives the
+    random-init control: the checkpoint's config and processor with freshly initialised weights (seed 0).
     """
     from . import embed as embed_module
 
-    model, processor = embed_module.load_model_and_processor(model_name_or_path, device=device)
+    model, processor = embed_module.load_model_and_processor(model_name_or_path, device=device,
+                                                             random_init=random_init)
 
     def embed(adata) -> np.ndarray:
-        return np.asarray(embed_module.embed_adata(model, processor, adata, batch_size=batch_size))
+        return np.asarray(embed_module.embed_adata(model, processor, adata, batch_size=batch_size,
+                                                   max_genes=max_genes, progress=False))
 
     def genes(gene_names):
         return embed_module.gene_embeddings(model, processor, gene_names)
 
-    embed.__name__ = f"panfoma:{model_name_or_path}"
+    embed.__name__ = f"{'panfoma_random_init' if random_init else 'panfoma'}:{model_name_or_path}"
     return embed, genes
 
 
@@ -1210,47 +1301,44 @@ def model_finetune_fn(
     model_name_or_path: str,
     output_root: str | Path,
     *,
-    max_steps: int = 60,
-    eval_every: int = 15,
-    learning_rate: float = 5e-4,
-    batch_size: int = 16,
+    max_steps: int | None = None,
+    eval_every: int | None = None,
+    learning_rate: float = DEFAULT_LEARNING_RATE,
+    head_learning_rate: float | None = DEFAULT_HEAD_LEARNING_RATE,
+    batch_size: int = DEFAULT_TRAIN_BATCH_SIZE,
+    max_genes: int | None = DEFAULT_MAX_GENES,
     device: str | None = None,
 ) -> FinetuneFn:
-    """A ``finetune_fn`` that fine-tunes a PanFoMa checkpoint as a cell classifier on the training cells.
+    """A ``finetune_fn`` that fine-tunes a PanFoMa checkpoint (or preset) as a cell classifier on the training cells.
 
-    Each call builds ``PanFoMaForCellClassification`` from the checkpoint, trains it with ``transformers.Trainer``
-    and the PanFoMa data collator (``mlm=False``) for ``max_steps`` optimiser steps on ``train_adata`` (raw
-    counts), evaluates validation macro-F1 every ``eval_every`` steps (``panfoma.training.finetune``'s
-    metrics) and keeps the best checkpoint (model selection on validation only). The returned ``predict_fn``
-    labels new cells with that model. Outputs go to ``output_root/seed<seed>-<n>`` (checkpoints are removed).
+    Each call builds ``PanFoMaForCellClassification`` with ``panfoma.training.finetune.load_classifier`` and trains
+    it with the one fine-tuning Trainer set-up (``finetune.build_trainer``: the parameter-group policy, the data
+    collator, validation macro-F1 model selection) on ``train_adata`` (raw counts). ``max_steps=None`` (default)
+    uses the ``finetune`` recipe (its epochs and early stopping, the ``finetune.DEFAULT_*`` constants); an integer
+    trains that many optimiser steps, evaluating validation macro-F1 every ``eval_every`` steps (default a quarter).
+    The best checkpoint by validation macro-F1 is kept (model selection on validation only); the returned
+    ``predict_fn`` labels new cells with it. Outputs go to ``output_root/seed<seed>-<n>`` (removed afterwards).
 
     Example:
         >>> hook = model_finetune_fn("runs/eval-model/model", "runs/ft", max_steps=40)  # doctest: +SKIP
         >>> evaluate_annotation(adata, embed_fn, finetune_fn=hook)  # doctest: +SKIP
     """
-    if not isinstance(max_steps, int) or max_steps < 1 or not isinstance(eval_every, int) or eval_every < 1:
-        raise ValueError(f"max_steps and eval_every must be positive integers, got {max_steps!r}, {eval_every!r}.")
+    for name, value in (("max_steps", max_steps), ("eval_every", eval_every)):
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise ValueError(f"max_steps and eval_every must be positive integers (or None), got {name}={value!r}.")
     calls = {"n": 0}
 
     def finetune_fn(train_adata, val_adata, label_key: str, seed: int) -> PredictFn:
         import shutil
 
         import datasets
-        import torch
-        from transformers import Trainer, TrainingArguments
-
-        from panfoma import PanFoMaForCellClassification
-        from panfoma.tokenization import PanFoMaDataCollator, PanFoMaGeneProcessor
 
         from .embed import resolve_device
-        from .finetune import compute_classification_metrics
+        from .finetune import DEFAULT_EARLY_STOPPING_PATIENCE, build_trainer, load_classifier
 
         names = sorted(set(usable_labels(train_adata.obs[label_key], label_key)))
         label2id = {name: i for i, name in enumerate(names)}
-        processor = PanFoMaGeneProcessor.from_pretrained(model_name_or_path)
-        model = PanFoMaForCellClassification.from_pretrained(
-            model_name_or_path, id2label=dict(enumerate(names)), label2id=label2id)
-        processor.check_model_config(model.config)
+        model, processor = load_classifier(model_name_or_path, names, seed=seed)
 
         def to_dataset(adata, with_labels: bool):
             rows = _cells_as_rows(adata, processor)
@@ -1261,29 +1349,22 @@ def model_finetune_fn(
                 rows["label"] = [-100] * adata.n_obs
             return datasets.Dataset.from_dict(rows)
 
-        train_ds, val_ds = to_dataset(train_adata, True), to_dataset(val_adata, True)
-        collator = PanFoMaDataCollator(processor, mlm=False, seed=seed, label_column="label", return_raw_values=False)
         calls["n"] += 1
         out = Path(output_root) / f"seed{seed}-{calls['n']}"
-        use_cpu = resolve_device(device).type == "cpu"
-        args = TrainingArguments(
-            output_dir=str(out), max_steps=max_steps, learning_rate=learning_rate, warmup_steps=0.1,
-            per_device_train_batch_size=batch_size, per_device_eval_batch_size=2 * batch_size,
-            eval_strategy="steps", eval_steps=eval_every, save_strategy="steps", save_steps=eval_every,
-            save_total_limit=1, load_best_model_at_end=True, metric_for_best_model="macro_f1",
-            greater_is_better=True, remove_unused_columns=False, logging_steps=eval_every, seed=seed,
-            report_to="none", disable_tqdm=True, save_only_model=True, use_cpu=use_cpu,
-            dataloader_pin_memory=torch.cuda.is_available(),
+        trainer = build_trainer(
+            model, processor, to_dataset(train_adata, True), to_dataset(val_adata, True), out, label_column="label",
+            max_steps=max_steps or -1, eval_steps=eval_every, learning_rate=learning_rate,
+            head_learning_rate=head_learning_rate, per_device_train_batch_size=batch_size,
+            per_device_eval_batch_size=2 * batch_size, max_genes=max_genes, seed=seed,
+            early_stopping_patience=DEFAULT_EARLY_STOPPING_PATIENCE if max_steps is None else None,
+            use_cpu=resolve_device(device).type == "cpu", progress=False,
+            logging_steps=eval_every or 10,
         )
-        trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds, data_collator=collator,
-                          compute_metrics=compute_classification_metrics)
         trainer.train()
-        best = trainer.state.best_metric
-        logger.info("fine-tuned seed %d: best validation macro-F1 %s (checkpoint %s)", seed, best,
+        logger.info("fine-tuned seed %d: best validation macro-F1 %s (checkpoint %s)", seed, trainer.state.best_metric,
                     trainer.state.best_model_checkpoint)
         shutil.rmtree(out, ignore_errors=True)  # the checkpoints are large; the model stays in memory
         label_names = np.asarray(names, dtype=object)
-
         trainer.compute_metrics = None  # test cells carry no labels here: nothing to score inside the hook
 
         def predict(adata) -> np.ndarray:
@@ -1293,22 +1374,104 @@ def model_finetune_fn(
 
         return predict
 
-    finetune_fn.__name__ = f"panfoma_finetune:{model_name_or_path}:{max_steps}steps"
+    schedule = "recipe" if max_steps is None else f"{max_steps}steps"
+    finetune_fn.__name__ = f"panfoma_finetune:{model_name_or_path}:{schedule}"
     return finetune_fn
+
+
+@dataclass
+class PanFoMaTracks:
+    """The PanFoMa hooks of one evaluation run (see ``model_tracks``)."""
+
+    embed_fn: EmbedFn
+    gene_fn: Callable
+    random_init_embed_fn: EmbedFn | None
+    finetune_fn: FinetuneFn | None
+    notes: list[str]
+
+
+def model_tracks(
+    model_name_or_path: str,
+    *,
+    random_init_control: bool = True,
+    finetune: bool = False,
+    finetune_output_dir: str | Path | None = None,
+    finetune_steps: int | None = None,
+    finetune_learning_rate: float = DEFAULT_LEARNING_RATE,
+    finetune_head_learning_rate: float | None = DEFAULT_HEAD_LEARNING_RATE,
+    batch_size: int = 64,
+    device: str | None = None,
+) -> PanFoMaTracks:
+    """Every PanFoMa hook of an evaluation run, from one model argument: the one wiring of the CLI and run_eval.
+
+    Returns the zero-shot ``embed_fn`` / ``gene_fn`` (``model_embed_fn``), the random-init control's ``embed_fn``
+    (same config and processor, fresh weights; None when ``random_init_control=False`` or when the model is itself a
+    preset, i.e. already randomly initialised), the fine-tuned track's ``finetune_fn`` (``model_finetune_fn``;
+    None unless ``finetune``), and report notes saying what each track is.
+
+    Example:
+        >>> tracks = model_tracks("panfoma-tiny", finetune=True, finetune_output_dir="ft", finetune_steps=2)  # doctest: +SKIP
+        >>> evaluate_annotation(adata, tracks.embed_fn, random_init_embed_fn=tracks.random_init_embed_fn,
+        ...                     finetune_fn=tracks.finetune_fn)  # doctest: +SKIP
+    """
+    from .embed import is_preset_name
+
+    preset = is_preset_name(model_name_or_path)
+    embed_fn, gene_fn = model_embed_fn(model_name_or_path, batch_size, device)
+    notes = [f"PanFoMa model: {'preset ' + str(model_name_or_path) + ', randomly initialised (seed 0) with the default processor' if preset else model_name_or_path}; "
+             "cell embedding = pooler_output over every expressed gene of each cell."]
+    control = None
+    if random_init_control and not preset:
+        control, _ = model_embed_fn(model_name_or_path, batch_size, device, random_init=True)
+        notes.append("panfoma_random_init: the same config and processor with randomly initialised weights (seed 0), "
+                     "embedded and probed exactly like the model: what pretraining adds is the gap between the two.")
+    elif preset:
+        notes.append("No separate panfoma_random_init track: the evaluated model is itself randomly initialised.")
+    finetune_fn = None
+    if finetune:
+        if finetune_output_dir is None:
+            raise ValueError("finetune=True needs finetune_output_dir (where the temporary checkpoints go).")
+        finetune_fn = model_finetune_fn(model_name_or_path, finetune_output_dir, max_steps=finetune_steps,
+                                        learning_rate=finetune_learning_rate,
+                                        head_learning_rate=finetune_head_learning_rate, device=device)
+        schedule = ("the finetune recipe (panfoma.training.finetune DEFAULT_* epochs, early stopping)"
+                    if finetune_steps is None else f"{finetune_steps} optimiser steps")
+        head = "" if finetune_head_learning_rate is None else f", head/embedding lr {finetune_head_learning_rate:g}"
+        notes.append(f"panfoma_finetuned: PanFoMaForCellClassification from {model_name_or_path} trained on the "
+                     f"training cells only for {schedule} (backbone lr {finetune_learning_rate:g}{head}), best "
+                     "validation macro-F1 kept (panfoma.training.finetune.build_trainer).")
+    return PanFoMaTracks(embed_fn, gene_fn, control, finetune_fn, notes)
 
 
 def run_evaluate(args) -> dict:
     """Run the task selected by ``add_evaluate_arguments``' parser; returns the report dict."""
+    wants_finetune = getattr(args, "finetune", False)
+    if wants_finetune and not getattr(args, "model", None):
+        raise ValueError("--finetune needs --model (the checkpoint or preset to fine-tune).")
     adata = _read_inputs(args.data, args.study_from_file, args.standardize_genes)
     embed_fn = gene_fn = None
+    tracks_kwargs: dict = {}
+    notes: list[str] = []
     if getattr(args, "model", None):
-        embed_fn, gene_fn = model_embed_fn(args.model, args.batch_size, args.device)
+        tracks = model_tracks(
+            args.model, random_init_control=getattr(args, "random_init_control", True), finetune=wants_finetune,
+            finetune_output_dir=getattr(args, "finetune_output_dir", None) or Path(args.output_dir) / "finetune",
+            finetune_steps=getattr(args, "finetune_steps", None),
+            finetune_learning_rate=getattr(args, "finetune_learning_rate", DEFAULT_LEARNING_RATE),
+            finetune_head_learning_rate=getattr(args, "finetune_head_learning_rate", DEFAULT_HEAD_LEARNING_RATE),
+            batch_size=args.batch_size, device=args.device,
+        )
+        embed_fn, gene_fn, notes = tracks.embed_fn, tracks.gene_fn, tracks.notes
+        if args.task != "gene_programs":
+            tracks_kwargs["random_init_embed_fn"] = tracks.random_init_embed_fn
+        if args.task in ("pancancer", "annotation"):
+            tracks_kwargs["finetune_fn"] = tracks.finetune_fn
     elif getattr(args, "random_projection_control", False):
         embed_fn = random_projection_embedder()
     model_name = "control_random_projection" if getattr(args, "random_projection_control", False) else "panfoma"
     # The report is written once, below, after the command line is recorded in it.
     kwargs = {"embedding_key": args.embedding_key, "output_dir": None,
-              "dataset_name": ",".join(Path(p).name for p in args.data)}
+              "dataset_name": ",".join(Path(p).name for p in args.data), **tracks_kwargs}
     if args.seeds:
         kwargs["seeds"] = args.seeds
     command = "panfoma " + " ".join(sys.argv[1:]) if sys.argv and "evaluate" in sys.argv else f"panfoma evaluate {args.task}"
@@ -1355,6 +1518,8 @@ def run_evaluate(args) -> dict:
     else:
         raise ValueError(f"Unknown task {args.task!r}; choose one of {TASKS}.")
     report["command"] = command
+    if notes:
+        report.setdefault("notes", [])[:0] = notes
     write_report(report, args.output_dir)
     return report
 
