@@ -484,3 +484,20 @@ def test_integration_reports_the_random_init_control_beside_the_model():
 def test_model_finetune_fn_rejects_bad_schedule():
     with pytest.raises(ValueError, match="positive integers"):
         ev.model_finetune_fn("unused", "unused", max_steps=0)
+
+
+def test_run_eval_summary_has_a_random_init_column(tmp_path):
+    run_eval = _load_run_eval()
+
+    def track(mean):
+        return {"summary": {"macro_f1": {"mean": mean, "sd": 0.01}, "accuracy": {"mean": mean, "sd": 0.0}}}
+
+    report = {"tracks": {"panfoma_linear_probe": track(0.61), "panfoma_random_init": track(0.42),
+                         "panfoma_finetuned": track(0.7), "baseline_pca_hvg": track(0.8)}}
+    (tmp_path / "eval_annotation_pbmc68k").mkdir()
+    (tmp_path / "eval_annotation_pbmc68k" / "eval_annotation.json").write_text(json.dumps(report))
+    table = run_eval.write_summary(tmp_path).read_text().splitlines()
+    assert "| random init |" in table[0]
+    row = next(line for line in table if "| macro_f1 |" in line)
+    cells = [c.strip() for c in row.split("|")[3:7]]
+    assert cells == ["0.610 ± 0.010", "0.700 ± 0.010", "0.420 ± 0.010", "0.800 ± 0.010"]
