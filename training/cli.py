@@ -212,7 +212,15 @@ def _check_model(value: str, flag: str, presets_allowed: bool = False) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ commands
+def _import_library() -> None:
+    """Import panfoma's API and register its Auto classes: under the command line `import panfoma` defers them to
+    their first use (so `--help` needs no torch), and a command's first call may be a transformers Auto class.
+    Commands call this after their cheap checks, so a mistake is reported in a fraction of a second."""
+    getattr(importlib.import_module("panfoma"), "_import_public_api", lambda: None)()
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
+    _import_library()
     from .demo import format_summary, run_demo_cli
 
     _print(format_summary(run_demo_cli(args)))
@@ -220,6 +228,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_pretrain(args: argparse.Namespace) -> int:
+    _import_library()
     from .pretrain import run_pretrain
 
     return run_pretrain(args, _without_cli_options(args._argv))
@@ -227,6 +236,7 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
     _check_model(args.model, "model", presets_allowed=True)  # a preset: fine-tuning from random initialisation
+    _import_library()
     from .finetune import run_finetune
 
     result = run_finetune(args)
@@ -245,6 +255,7 @@ def _cmd_embed(args: argparse.Namespace) -> int:
         source = _prepare_input(args.input, "input", Path(workdir))
         _check_layer(source, args.layer)
         _check_model(args.model, "model")
+        _import_library()
         import h5py
         from anndata.io import read_elem
 
@@ -261,6 +272,7 @@ def _cmd_embed(args: argparse.Namespace) -> int:
 
 
 def _cmd_build_bench(args: argparse.Namespace) -> int:
+    _import_library()
     from .bench import run_build_bench
 
     return run_build_bench(args)
@@ -273,6 +285,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         args.data = [_prepare_input(p, "data", Path(workdir)) for p in args.data]
         if getattr(args, "query", None):
             args.query = [_prepare_input(p, "--query", Path(workdir)) for p in args.query]
+        _import_library()
         from .evaluation import run_evaluate
 
         run_evaluate(args)
@@ -281,6 +294,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_push(args: argparse.Namespace) -> int:
+    _import_library()
     from .hub import run_push
 
     return run_push(args)
