@@ -94,5 +94,6 @@ def test_head_learning_rate_applies_to_the_classifier_and_input_embeddings_only(
     assert _by_decay(optimizer.param_groups) == _by_decay(trainer.create_optimizer().param_groups)  # built once
     # Trainer's schedule scales every group from its own peak.
     schedule = get_linear_schedule_with_warmup(optimizer, 0, 10)
+    optimizer.step()  # no gradients yet: a no-op, in the order the scheduler expects
     schedule.step()
     assert sorted({g["lr"] for g in optimizer.param_groups}) == pytest.approx([0.9e-4, 0.9 * 3e-3])
