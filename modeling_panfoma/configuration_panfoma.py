@@ -16,7 +16,8 @@ PANFOMA_PRESETS: dict[str, dict] = {
     "panfoma-base": dict(hidden_size=512, num_attention_heads=8, intermediate_size=2048, state_size=16),
 }
 
-POOLING_MODES = ("cls+mean", "cls", "mean")
+POOLING_MODES = ("weighted_mean", "cls+weighted_mean", "cls+mean", "cls", "mean")
+VALUE_ENCODINGS = ("scaled", "additive")
 MAMBA_IMPLEMENTATIONS = ("auto", "kernel", "torch")
 
 
@@ -68,15 +69,24 @@ class PanFoMaConfig(ValueIdsMixin, PretrainedConfig):
         hidden_dropout_prob / attention_probs_dropout_prob (`float`): dropout rates.
         layer_norm_eps (`float`): epsilon of every LayerNorm.
         initializer_range (`float`): std of the normal initialisation of linear and embedding weights.
-        pooling (`str`): cell embedding (`pooler_output`): "cls+mean" (default; the mean of the
-            normalised global CLS vector g of eq. 3 and the masked mean of the decoder outputs),
-            "cls" (g only) or "mean" (decoder mean only).
+        value_encoding (`str`): how a gene's expression bin enters its input vector: "scaled" (default;
+            w(bin) * LayerNorm(Emb_id(gene)) + Emb_val(bin), one learnable positive scalar w per bin) or
+            "additive" (the paper's eq. 1, LayerNorm(Emb_id(gene) + Emb_val(bin))). README "Deviations" has the
+            measurements behind the default.
+        pooling (`str`): cell embedding (`pooler_output`): "cls+weighted_mean" (default; the average of the
+            normalised global CLS vector g of eq. 3 and the mean of the decoder outputs weighted by each gene's
+            w(bin), so highly expressed genes count more), "weighted_mean" (that mean alone), "cls+mean" (g and the
+            plain mean), "cls" (g only) or "mean" (plain mean of the decoder outputs).
         mamba_implementation (`str`): "auto" (mamba-ssm kernels on CUDA when installed, else the package's own
             scan, with one warning on GPU), "kernel" (mamba-ssm, error if absent) or "torch" (never the mamba-ssm
             kernels: the package's own scan, numba-compiled on CPU with a pure-PyTorch fallback).
         mask_ratio (`float`): fraction of expressed genes whose value is masked in pretraining.
-        mvm_loss_weight (`float`): weight of the masked-value cross-entropy over bins.
-        mse_loss_weight (`float`): weight of the optional MSE on the continuous normalised value (0 = off).
+        mvm_loss_weight (`float`): weight of the masked-value cross-entropy over bins (0 = off; default off: per-cell
+            quantile bins tie, so the term is largely solved by the cell's visible-bin histogram).
+        mse_loss_weight (`float`): weight of the MSE of each masked gene's normalised expression predicted from
+            its own state (0 = off).
+        mvc_loss_weight (`float`): weight of the MSE of the same target predicted from the cell embedding alone
+            (0 = off); it trains `pooler_output` to carry the cell's expression profile.
         classifier_dropout (`float`): dropout before the classification MLP.
         vocab_hash (`str` or `None`): hash of the gene vocabulary the embeddings were trained with;
             processors check it so genes are never silently misaligned.
@@ -113,11 +123,13 @@ class PanFoMaConfig(ValueIdsMixin, PretrainedConfig):
         attention_probs_dropout_prob: float = 0.0,
         layer_norm_eps: float = 1e-5,
         initializer_range: float = 0.02,
-        pooling: str = "cls+mean",
+        value_encoding: str = "scaled",
+        pooling: str = "cls+weighted_mean",
         mamba_implementation: str = "auto",
         mask_ratio: float = 0.3,
-        mvm_loss_weight: float = 1.0,
-        mse_loss_weight: float = 0.0,
+        mvm_loss_weight: float = 0.0,
+        mse_loss_weight: float = 1.0,
+        mvc_loss_weight: float = 1.0,
         classifier_dropout: float = 0.1,
         vocab_hash: str | None = None,
         **kwargs,
@@ -148,11 +160,13 @@ class PanFoMaConfig(ValueIdsMixin, PretrainedConfig):
         self.attention_probs_dropout_prob = attention_probs_dropout_prob
         self.layer_norm_eps = layer_norm_eps
         self.initializer_range = initializer_range
+        self.value_encoding = value_encoding
         self.pooling = pooling
         self.mamba_implementation = mamba_implementation
         self.mask_ratio = mask_ratio
         self.mvm_loss_weight = mvm_loss_weight
         self.mse_loss_weight = mse_loss_weight
+        self.mvc_loss_weight = mvc_loss_weight
         self.classifier_dropout = classifier_dropout
         self.vocab_hash = vocab_hash
         super().__init__(pad_token_id=pad_token_id, **kwargs)
@@ -194,6 +208,8 @@ class PanFoMaConfig(ValueIdsMixin, PretrainedConfig):
                 f"special token ids (pad, cls, mask, unk) = {specials} must be distinct and < vocab_size "
                 f"({self.vocab_size})."
             )
+        if self.value_encoding not in VALUE_ENCODINGS:
+            raise ValueError(f"value_encoding must be one of {VALUE_ENCODINGS}, got {self.value_encoding!r}.")
         if self.pooling not in POOLING_MODES:
             raise ValueError(f"pooling must be one of {POOLING_MODES}, got {self.pooling!r}.")
         if self.mamba_implementation not in MAMBA_IMPLEMENTATIONS:
@@ -202,8 +218,9 @@ class PanFoMaConfig(ValueIdsMixin, PretrainedConfig):
             )
         if not 0.0 < self.mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must be in (0, 1), got {self.mask_ratio}.")
-        if self.mvm_loss_weight < 0 or self.mse_loss_weight < 0 or self.mvm_loss_weight + self.mse_loss_weight == 0:
-            raise ValueError("mvm_loss_weight and mse_loss_weight must be >= 0 and not both 0.")
+        weights = (self.mvm_loss_weight, self.mse_loss_weight, self.mvc_loss_weight)
+        if min(weights) < 0 or sum(weights) == 0:
+            raise ValueError("mvm_loss_weight, mse_loss_weight and mvc_loss_weight must be >= 0 and not all 0.")
         if not 0.0 < self.time_step_min <= self.time_step_max:
             raise ValueError("need 0 < time_step_min <= time_step_max.")
         for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout"):

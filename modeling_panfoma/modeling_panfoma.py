@@ -78,18 +78,21 @@ class PanFoMaForPreTrainingOutput(ModelOutput):
     Output of [`PanFoMaForPreTraining`] (masked value modelling).
 
     Args:
-        loss (`torch.FloatTensor`, optional): weighted sum of the bin cross-entropy and the optional MSE.
+        loss (`torch.FloatTensor`, optional): weighted sum of the enabled terms (see the model's docstring).
         logits (`torch.FloatTensor` of shape `(b, n, v)`): bin logits per gene (input order).
-        value_predictions (`torch.FloatTensor` of shape `(b, n)`): predicted continuous normalised value.
-        mvm_loss / mse_loss (`torch.FloatTensor`, optional): the two terms, unweighted.
+        value_predictions (`torch.FloatTensor` of shape `(b, n)`): predicted continuous normalised value per gene.
+        cell_predictions (`torch.FloatTensor` of shape `(b, n)`): the same, predicted from the cell embedding alone.
+        mvm_loss / mse_loss / mvc_loss (`torch.FloatTensor`, optional): the terms, unweighted (None when off).
         pooler_output, gene_order, hidden_states, attentions: as in [`PanFoMaModelOutput`].
     """
 
     loss: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
     value_predictions: torch.FloatTensor | None = None
+    cell_predictions: torch.FloatTensor | None = None
     mvm_loss: torch.FloatTensor | None = None
     mse_loss: torch.FloatTensor | None = None
+    mvc_loss: torch.FloatTensor | None = None
     pooler_output: torch.FloatTensor | None = None
     gene_order: torch.LongTensor | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
@@ -216,22 +219,58 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 class PanFoMaEmbeddings(nn.Module):
-    """Eq. 1: e = Emb_id(gene) + Emb_val(bin), then LayerNorm and dropout; plus the shared chunk CLS embedding."""
+    """Gene + value embedding of every gene (`config.value_encoding`), then dropout; plus the shared chunk CLS.
+
+    * `"scaled"` (default): e = w(bin) * LayerNorm(Emb_id(gene)) + Emb_val(bin), with w(bin) > 0 one learnable
+      scalar per value id, initialised to the bin's expression level (bin / (n_bins - 1); small for zero
+      expression). Expression enters as the *size* of the gene's vector, so a mean over genes is an
+      expression-weighted bag of gene vectors (the information a PCA of the expression matrix sees).
+    * `"additive"` (the paper's eq. 1): e = LayerNorm(Emb_id(gene) + Emb_val(bin)). Per-cell quantile bins tie
+      heavily (most droplet counts are 1), so the value term is nearly the same for most genes of a cell and, under
+      a mean over genes, mostly encodes sequencing depth and platform; see README "Deviations" for measurements.
+
+    `value_weights(values)` gives w(bin) per gene, also used by `pooling="weighted_mean"`.
+    """
 
     def __init__(self, config: PanFoMaConfig):
         super().__init__()
+        self.config = config
         self.gene_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
         self.value_embeddings = nn.Embedding(
             config.value_vocab_size, config.hidden_size, padding_idx=config.value_pad_id
         )
+        # w(bin) before softplus, one scalar per value id (bins, padding, mask); positive after softplus.
+        self.value_gain = nn.Parameter(torch.zeros(config.value_vocab_size))
+        self.value_gain._no_weight_decay = True
         # One CLS for every chunk: genes are assigned to chunks at random, so a chunk's identity carries no meaning.
         self.cls_embedding = nn.Parameter(torch.zeros(config.hidden_size))
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        if self.value_gain.device.type != "meta":
+            self.reset_value_gain()
+
+    @torch.no_grad()
+    def reset_value_gain(self) -> None:
+        """w(bin) = bin / (n_bins - 1) for expressed bins, 0.05 for zero expression, 0.5 for the mask id."""
+        config = self.config
+        level = torch.arange(config.value_vocab_size, dtype=torch.float32) / (config.n_bins - 1)
+        level[0] = 0.05
+        level[config.value_pad_id] = 0.05  # never used: padding is masked out everywhere
+        level[config.value_mask_id] = 0.5
+        init.copy_(self.value_gain, (level + torch.log(-torch.expm1(-level))).to(self.value_gain.device))
+
+    def value_weights(self, values: torch.LongTensor) -> torch.Tensor:
+        """w(bin) of every gene, (b, n), positive."""
+        return F.softplus(self.value_gain.float())[values]
 
     def forward(self, input_ids: torch.LongTensor, values: torch.LongTensor) -> torch.Tensor:
-        embeddings = self.gene_embeddings(input_ids) + self.value_embeddings(values)  # (b, n, d)
-        return self.dropout(self.LayerNorm(embeddings))
+        if self.config.value_encoding == "additive":
+            embeddings = self.LayerNorm(self.gene_embeddings(input_ids) + self.value_embeddings(values))  # (b, n, d)
+        else:
+            genes = self.LayerNorm(self.gene_embeddings(input_ids))  # (b, n, d)
+            weights = self.value_weights(values).to(genes.dtype).unsqueeze(-1)  # (b, n, 1)
+            embeddings = weights * genes + self.value_embeddings(values)
+        return self.dropout(embeddings)
 
     def cls(self, count: int, dtype: torch.dtype) -> torch.Tensor:
         """CLS rows for `count` chunks, (count, 1, d), normalised like the gene embeddings."""
@@ -463,6 +502,7 @@ class PanFoMaPreTrainedModel(PreTrainedModel):
             init.zeros_(module.bias)
         elif isinstance(module, PanFoMaEmbeddings):
             init.normal_(module.cls_embedding, mean=0.0, std=std)
+            module.reset_value_gain()
         elif isinstance(module, PanFoMaMambaMixer):
             # The mixer's own rule; it runs after the generic Linear init of its children (children are visited
             # first), so Mamba's initialisation is the one that stays.
@@ -631,7 +671,7 @@ class PanFoMaModel(PanFoMaPreTrainedModel):
                 all_hidden.append(self._unsort(hidden, order, sorted_valid))
         hidden = self.decoder_norm(hidden) * sorted_valid.unsqueeze(-1).to(hidden.dtype)
 
-        pooled = self._pool(hidden, sorted_valid, global_cls)
+        pooled = self._pool(hidden, sorted_valid, global_cls, values.gather(1, order))
 
         # Back to the caller's positions: compacted -> input.
         gene_order = compaction.gather(1, order)  # (b, n) input position of each sorted gene
@@ -671,28 +711,42 @@ class PanFoMaModel(PanFoMaPreTrainedModel):
         """(b, n, d) in compacted order -> the caller's input positions."""
         return torch.zeros_like(x).scatter(1, compaction.unsqueeze(-1).expand_as(x), x)
 
-    def _pool(self, hidden, valid, global_cls) -> torch.Tensor:
-        """The cell embedding (`config.pooling`): normalised g, masked decoder mean, or their average."""
-        mean = masked_mean(hidden, valid)
-        if self.config.pooling == "mean":
+    def _pool(self, hidden, valid, global_cls, values) -> torch.Tensor:
+        """The cell embedding (`config.pooling`) from the decoder states (b, n, d), their mask and value ids (b, n)
+        and g (b, d): normalised g, the (expression-weighted) mean of the decoder states, or the average of both."""
+        pooling = self.config.pooling
+        if pooling == "cls":
+            return self.cls_norm(global_cls)
+        if pooling.endswith("weighted_mean"):
+            # w(bin) of each gene: a gene's share of the cell embedding grows with its expression.
+            weights = self.embeddings.value_weights(values) * valid.to(torch.float32)  # (b, n), 0 at padding
+            weights = weights / weights.sum(1, keepdim=True).clamp(min=1e-12)
+            mean = torch.einsum("bnd,bn->bd", hidden, weights.to(hidden.dtype))
+        else:
+            mean = masked_mean(hidden, valid)
+        if pooling in ("mean", "weighted_mean"):
             return mean
-        cls = self.cls_norm(global_cls)
-        if self.config.pooling == "cls":
-            return cls
-        return 0.5 * (cls + mean)
+        return 0.5 * (self.cls_norm(global_cls) + mean)
 
 
 class PanFoMaForPreTraining(PanFoMaPreTrainedModel):
-    """PanFoMa with the masked-value-modelling head: predict the bin of masked genes (cross-entropy) and,
-    optionally, their continuous normalised value (MSE; `config.mse_loss_weight > 0`).
+    """PanFoMa with the masked-value heads. At the masked genes (`labels != -100`) it predicts, each term weighted
+    in the config (0 = off):
+
+    * `mse_loss_weight`: the continuous normalised expression `raw_values` (log1p of counts per 10k) from each gene's
+      own decoder state plus a projection of the cell embedding (MSE);
+    * `mvc_loss_weight`: the same target from the cell embedding ALONE, as an inner product with a query made from
+      the gene's input embedding (MSE). The cell embedding is then trained to carry the cell's expression profile,
+      which is what a frozen probe on `pooler_output` reads (in the spirit of scGPT's MVC objective);
+    * `mvm_loss_weight`: the true bin (cross-entropy), the first-choice objective. Per-cell quantile bins tie heavily,
+      so it can be lowered by copying the cell's visible-bin histogram without learning cell identity; the pretraining
+      loop logs that floor (and the per-gene ones) beside the losses.
 
     `labels` (b, n): the true bin at masked positions, `-100` elsewhere. `raw_values` (b, n): continuous targets,
     used at the same positions. The collator in `panfoma.tokenization` builds both.
 
-    The head reads each gene's decoder state plus a projection of the cell embedding. The argsort of the dynamic
-    sort has no gradient, so without this the global CLS vector g (eq. 3) would get no training signal at all in
-    pretraining and the sort would follow an untrained direction; conditioning on the pooled embedding (which
-    contains g) trains it, in the spirit of scGPT's cell-conditioned expression objective.
+    The argsort of the dynamic sort has no gradient, so the global CLS vector g (eq. 3) is trained only through the
+    per-gene head's cell projection (when the pooling does not contain g, the projection reads `global_cls`).
     """
 
     def __init__(self, config: PanFoMaConfig):
@@ -700,10 +754,31 @@ class PanFoMaForPreTraining(PanFoMaPreTrainedModel):
         self.panfoma = PanFoMaModel(config)
         d = config.hidden_size
         self.cell_projection = nn.Linear(d, d)
+        self.global_projection = nn.Linear(d, d)
         self.mvm_transform = nn.Sequential(nn.Linear(d, d), ACT2FN["gelu"], nn.LayerNorm(d, eps=config.layer_norm_eps))
         self.mvm_decoder = nn.Linear(d, config.n_bins)
         self.value_regressor = nn.Linear(d, 1)
+        self.mvc_cell = nn.Linear(d, d)
+        self.mvc_query = nn.Sequential(nn.Linear(d, d), ACT2FN["gelu"], nn.Linear(d, d))
         self.post_init()
+
+    def freeze_unused_heads(self) -> list[str]:
+        """Stop gradients into heads whose loss weight is 0 (DDP fails on parameters without gradients); returns
+        the names of the frozen modules."""
+        config = self.config
+        unused = {
+            "mvm_decoder": config.mvm_loss_weight == 0,
+            "value_regressor": config.mse_loss_weight == 0,
+            "mvm_transform": config.mvm_loss_weight == 0 and config.mse_loss_weight == 0,
+            "cell_projection": config.mvm_loss_weight == 0 and config.mse_loss_weight == 0,
+            "global_projection": config.mvm_loss_weight == 0 and config.mse_loss_weight == 0,
+            "mvc_cell": config.mvc_loss_weight == 0,
+            "mvc_query": config.mvc_loss_weight == 0,
+        }
+        frozen = [name for name, off in unused.items() if off]
+        for name in frozen:
+            getattr(self, name).requires_grad_(False)
+        return frozen
 
     def forward(
         self,
@@ -716,7 +791,8 @@ class PanFoMaForPreTraining(PanFoMaPreTrainedModel):
         output_attentions: bool | None = None,
         return_dict: bool | None = None,
     ) -> PanFoMaForPreTrainingOutput | tuple:
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        config = self.config
+        return_dict = return_dict if return_dict is not None else config.return_dict
         outputs = self.panfoma(
             input_ids=input_ids,
             values=values,
@@ -725,23 +801,37 @@ class PanFoMaForPreTraining(PanFoMaPreTrainedModel):
             output_attentions=output_attentions,
             return_dict=True,
         )
-        cell = self.cell_projection(outputs.pooler_output).unsqueeze(1)  # (b, 1, d)
-        transformed = self.mvm_transform(outputs.last_hidden_state + cell)  # (b, n, d)
+        pooled = outputs.pooler_output  # (b, d)
+        cell = self.cell_projection(pooled) + self.global_projection(self.panfoma.cls_norm(outputs.global_cls))
+        transformed = self.mvm_transform(outputs.last_hidden_state + cell.unsqueeze(1))  # (b, n, d)
         logits = self.mvm_decoder(transformed)  # (b, n, v)
         value_predictions = self.value_regressor(transformed).squeeze(-1)  # (b, n)
+        # Cell embedding alone -> every gene's expression: <query(gene), cell> / sqrt(d).
+        query = self.mvc_query(self.panfoma.embeddings.gene_embeddings(input_ids))  # (b, n, d)
+        cell_predictions = torch.einsum("bnd,bd->bn", query, self.mvc_cell(pooled)) / math.sqrt(query.size(-1))
 
-        loss = mvm_loss = mse_loss = None
+        loss = mvm_loss = mse_loss = mvc_loss = None
         if labels is not None:
             if labels.shape != input_ids.shape:
                 raise ValueError(f"`labels` shape {tuple(labels.shape)} must match `input_ids` {tuple(input_ids.shape)}.")
-            mvm_loss = F.cross_entropy(logits.float().view(-1, self.config.n_bins), labels.view(-1), ignore_index=-100)
-            loss = self.config.mvm_loss_weight * mvm_loss
-            if self.config.mse_loss_weight > 0:
+            target_mask = labels != -100
+            loss = torch.zeros((), device=logits.device)
+            if config.mvm_loss_weight > 0:
+                mvm_loss = F.cross_entropy(logits.float().view(-1, config.n_bins), labels.view(-1), ignore_index=-100)
+                loss = loss + config.mvm_loss_weight * mvm_loss
+            if config.mse_loss_weight > 0 or config.mvc_loss_weight > 0:
                 if raw_values is None:
-                    raise ValueError("config.mse_loss_weight > 0 needs `raw_values` (continuous targets) in the batch.")
-                target_mask = labels != -100
-                mse_loss = F.mse_loss(value_predictions.float()[target_mask], raw_values.float()[target_mask])
-                loss = loss + self.config.mse_loss_weight * mse_loss
+                    raise ValueError(
+                        "config.mse_loss_weight / mvc_loss_weight > 0 need `raw_values` (continuous targets) in the "
+                        "batch: build it with PanFoMaDataCollator(..., return_raw_values=True)."
+                    )
+                targets = raw_values.float()[target_mask]
+                if config.mse_loss_weight > 0:
+                    mse_loss = F.mse_loss(value_predictions.float()[target_mask], targets)
+                    loss = loss + config.mse_loss_weight * mse_loss
+                if config.mvc_loss_weight > 0:
+                    mvc_loss = F.mse_loss(cell_predictions.float()[target_mask], targets)
+                    loss = loss + config.mvc_loss_weight * mvc_loss
 
         output = PanFoMaForPreTrainingOutput(
             loss=loss,
@@ -749,6 +839,8 @@ class PanFoMaForPreTraining(PanFoMaPreTrainedModel):
             value_predictions=value_predictions,
             mvm_loss=mvm_loss,
             mse_loss=mse_loss,
+            mvc_loss=mvc_loss,
+            cell_predictions=cell_predictions,
             pooler_output=outputs.pooler_output,
             gene_order=outputs.gene_order,
             hidden_states=outputs.hidden_states,

@@ -84,7 +84,8 @@ def _valid_rows(x, mask):
 
 @pytest.mark.parametrize("cls", [PanFoMaModel, PanFoMaForPreTraining, PanFoMaForCellClassification])
 def test_shapes_backward_and_tuple_output(cls):
-    tester = PanFoMaModelTester(num_labels=3, mse_loss_weight=0.5)
+    # Every pretraining loss term on, so every head must receive a gradient.
+    tester = PanFoMaModelTester(num_labels=3, mvm_loss_weight=1.0, mse_loss_weight=0.5, mvc_loss_weight=0.5)
     torch.manual_seed(0)
     model = cls(tester.config).train()
     batch = tester.inputs()
@@ -114,6 +115,26 @@ def test_shapes_backward_and_tuple_output(cls):
     assert no_grad == []
 
 
+@pytest.mark.parametrize("weights", [(0.0, 1.0, 1.0), (1.0, 0.0, 0.0), (0.0, 0.0, 1.0)])
+def test_pretraining_heads_of_disabled_terms_are_frozen_and_the_rest_trains(weights):
+    mvm, mse, mvc = weights
+    tester = PanFoMaModelTester(mvm_loss_weight=mvm, mse_loss_weight=mse, mvc_loss_weight=mvc)
+    torch.manual_seed(0)
+    model = PanFoMaForPreTraining(tester.config).train()
+    frozen = model.freeze_unused_heads()
+    batch = tester.inputs()
+    b, n = batch["input_ids"].shape
+    labels = torch.full((b, n), -100)
+    labels[:, :6] = torch.randint(0, tester.config.n_bins, (b, 6))
+    out = model(**batch, labels=labels, raw_values=torch.rand(b, n))
+    assert (out.mvm_loss is None) == (mvm == 0) and (out.mse_loss is None) == (mse == 0)
+    assert (out.mvc_loss is None) == (mvc == 0)
+    out.loss.backward()
+    missing = [name for name, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert missing == []  # DDP needs every trainable parameter to get a gradient
+    assert ("mvm_decoder" in frozen) == (mvm == 0) and ("mvc_query" in frozen) == (mvc == 0)
+
+
 def test_classification_ignores_minus_100():
     model, tester = _model(PanFoMaForCellClassification, num_labels=3)
     batch = tester.inputs()
@@ -124,14 +145,22 @@ def test_classification_ignores_minus_100():
 
 
 def test_pretraining_loss_counts_only_masked_positions():
-    model, tester = _model(PanFoMaForPreTraining)
+    model, tester = _model(PanFoMaForPreTraining, mvm_loss_weight=1.0, mse_loss_weight=0.5, mvc_loss_weight=2.0)
     batch = tester.inputs()
     b, n = batch["input_ids"].shape
     labels = torch.full((b, n), -100)
     labels[0, 3] = 4
-    out = model(**batch, labels=labels)
-    expected = F.cross_entropy(out.logits[0, 3].unsqueeze(0), torch.tensor([4]))
-    assert torch.allclose(out.loss, expected, atol=1e-5)
+    raw = torch.rand(b, n)
+    out = model(**batch, labels=labels, raw_values=raw)
+    ce = F.cross_entropy(out.logits[0, 3].unsqueeze(0), torch.tensor([4]))
+    mse = (out.value_predictions[0, 3] - raw[0, 3]) ** 2
+    mvc = (out.cell_predictions[0, 3] - raw[0, 3]) ** 2
+    assert torch.allclose(out.loss, ce + 0.5 * mse + 2.0 * mvc, atol=1e-5)
+    # Targets at unmasked positions change nothing.
+    raw_elsewhere = raw.clone()
+    raw_elsewhere[1:] += 5.0
+    raw_elsewhere[0, :3] -= 1.0
+    assert torch.allclose(model(**batch, labels=labels, raw_values=raw_elsewhere).loss, out.loss)
 
 
 @pytest.mark.parametrize("cls", [PanFoMaModel, PanFoMaForPreTraining, PanFoMaForCellClassification])

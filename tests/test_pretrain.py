@@ -55,7 +55,7 @@ def test_parameter_groups_exclude_mamba_params_norms_biases_and_embeddings():
     assert len(no_decay_ids | decay_ids) == sum(1 for p in model.parameters() if p.requires_grad)
     named = dict(model.named_parameters())
     for name, param in named.items():
-        expected_no_decay = (name.endswith(("A_log", ".D", "bias", "cls_embedding")) or "norm" in name.lower()
+        expected_no_decay = (name.endswith(("A_log", ".D", "bias", "cls_embedding", "value_gain")) or "norm" in name.lower()
                              or "mvm_transform.2" in name or name.endswith("embeddings.weight"))
         assert (id(param) in no_decay_ids) == expected_no_decay, name
     for name in ("panfoma.encoder_block.attention.qkv.weight", "panfoma.decoder_layers.0.forward_mamba.in_proj.weight",

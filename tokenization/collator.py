@@ -31,7 +31,7 @@ from transformers import TrainerCallback
 from panfoma.configuration_panfoma import ValueIdsMixin
 
 from .binning import DEFAULT_N_BINS
-from .encoding import DEFAULT_TARGET_SUM, EncodedCell, encode_cells, pad_encoded
+from .encoding import DEFAULT_TARGET_SUM, GENE_SELECTIONS, EncodedCell, encode_cells, pad_encoded
 from .vocabulary import PAD_TOKEN_ID
 
 logger = logging.getLogger(__name__)
@@ -48,8 +48,8 @@ class PanFoMaDataCollator(ValueIdsMixin):
         processor_or_config: a `PanFoMaGeneProcessor` (n_bins, max_genes, include_zero_genes,
             shuffle_genes, target_sum and the vocabulary size are read from it) or a `PanFoMaConfig`
             (n_bins, max_genes, mask_ratio, vocab_size), or None for the defaults.
-        mask_ratio: fraction of each cell's *expressed* selected genes whose value is masked
-            (at least one per cell with an expressed gene). Default: the config's, else 0.3.
+        mask_ratio: fraction of each cell's selected genes whose value is masked: of its expressed genes, or of
+            all its genes when `include_zero_genes` (at least one per cell). Default: the config's, else 0.3.
         max_genes: genes per cell (resampled each epoch when more are expressed); None = all expressed.
             Default: from the processor/config, else 3,072.
         mlm: True -> masked value modelling (`labels` = true bin at masked positions, -100 elsewhere;
@@ -62,6 +62,9 @@ class PanFoMaDataCollator(ValueIdsMixin):
             or else from the example's own explicit zeros.
         zero_pool: token ids a cell may be topped up from (e.g. every gene of the dataset).
         shuffle_genes: random gene order within each cell (random chunk assignment in the model).
+        gene_selection: how `max_genes` genes are chosen from a cell with more: `"random"` (resampled every
+            epoch, the paper's pretraining) or `"top"` (the most expressed; deterministic). Default: "random"
+            for masked value modelling, the processor's choice (else "top") for classification.
         return_raw_values: include `raw_values` (default: True when mlm).
 
     Example:
@@ -83,6 +86,7 @@ class PanFoMaDataCollator(ValueIdsMixin):
         include_zero_genes: bool | None = None,
         zero_pool: Sequence[int] | np.ndarray | None = None,
         shuffle_genes: bool | None = None,
+        gene_selection: str | None = None,
         return_raw_values: bool | None = None,
     ):
         source = processor_or_config
@@ -104,6 +108,11 @@ class PanFoMaDataCollator(ValueIdsMixin):
         self.include_zero_genes = bool(getattr(source, "include_zero_genes", False)
                                        if include_zero_genes is None else include_zero_genes)
         self.zero_pool = None if zero_pool is None else np.unique(np.asarray(zero_pool, dtype=np.int64))
+        if gene_selection is None:
+            gene_selection = "random" if mlm else getattr(source, "gene_selection", "top")
+        if gene_selection not in GENE_SELECTIONS:
+            raise ValueError(f"gene_selection must be one of {GENE_SELECTIONS}, got {gene_selection!r}.")
+        self.gene_selection = gene_selection
         self.shuffle_genes = bool(getattr(source, "shuffle_genes", True) if shuffle_genes is None else shuffle_genes)
         self.target_sum = float(getattr(source, "target_sum", DEFAULT_TARGET_SUM))
         self.return_raw_values = self.mlm if return_raw_values is None else bool(return_raw_values)
@@ -152,6 +161,7 @@ class PanFoMaDataCollator(ValueIdsMixin):
             indptr, gene_ids, np.concatenate(count_parts) if count_parts else np.zeros(0),
             n_bins=self.n_bins, max_genes=self.max_genes, rngs=rngs, include_zero_genes=self.include_zero_genes,
             zero_pool=self.zero_pool, shuffle=self.shuffle_genes, target_sum=self.target_sum,
+            gene_selection=self.gene_selection,
         )
 
     def _unpad_processed(self, example: Mapping[str, Any]) -> EncodedCell:
@@ -191,11 +201,13 @@ class PanFoMaDataCollator(ValueIdsMixin):
         if self.mlm:
             labels = np.full(arrays["values"].shape, IGNORE_INDEX, dtype=np.int64)
             for row, (cell, rng) in enumerate(zip(cells, rngs)):
-                expressed = np.flatnonzero(cell.values > 0)
-                if expressed.size == 0:
+                # With zero-expression genes in the input, they are masked too: the model must then tell which
+                # hidden genes are expressed, not only how much (masking only expressed genes would leak that).
+                candidates = np.arange(cell.values.size) if self.include_zero_genes else np.flatnonzero(cell.values > 0)
+                if candidates.size == 0:
                     continue
-                n_mask = max(1, int(round(self.mask_ratio * expressed.size)))
-                masked = rng.choice(expressed, size=n_mask, replace=False)
+                n_mask = max(1, int(round(self.mask_ratio * candidates.size)))
+                masked = rng.choice(candidates, size=n_mask, replace=False)
                 labels[row, masked] = arrays["values"][row, masked]
                 arrays["values"][row, masked] = self.value_mask_id
             arrays["labels"] = labels

@@ -47,7 +47,7 @@ from transformers.utils import cached_file
 from panfoma.configuration_panfoma import ValueIdsMixin
 
 from .binning import DEFAULT_N_BINS
-from .encoding import DEFAULT_TARGET_SUM, EncodedCell, encode_cells, pad_encoded
+from .encoding import DEFAULT_TARGET_SUM, GENE_SELECTIONS, EncodedCell, encode_cells, pad_encoded
 from .vocabulary import DEFAULT_MIN_MATCH_FRACTION, GeneMapping, PanFoMaGeneVocab
 
 logger = logging.getLogger(__name__)
@@ -102,8 +102,10 @@ class PanFoMaGeneProcessor(ValueIdsMixin, FeatureExtractionMixin):
             with the package.
         vocab_file (`str`, *optional*): path of a vocabulary JSON to load instead (used by `from_pretrained`).
         n_bins (`int`): value bins including bin 0 (zero expression); must equal the model's `n_bins`.
-        max_genes (`int` or `None`): most genes per cell (default 3,072 = 4 chunks of 768); more
-            expressed genes are subsampled at random (seeded); `None` keeps every expressed gene.
+        max_genes (`int` or `None`): most genes per cell (default 3,072 = 4 chunks of 768); cells with more
+            expressed genes keep `max_genes` of them, chosen by `gene_selection`; `None` keeps every expressed gene.
+        gene_selection (`str`): `"top"` (default: the `max_genes` most expressed genes, ties by token id, so
+            an embedding is deterministic) or `"random"` (a seeded random sample, as in pretraining).
         include_zero_genes (`bool`): top each cell up to `max_genes` with zero-expression genes drawn
             from the genes the input measures.
         shuffle_genes (`bool`): put each cell's genes in a seeded random order (the model chunks
@@ -133,6 +135,7 @@ class PanFoMaGeneProcessor(ValueIdsMixin, FeatureExtractionMixin):
         n_bins: int = DEFAULT_N_BINS,
         max_genes: int | None = DEFAULT_MAX_GENES,
         include_zero_genes: bool = False,
+        gene_selection: str = "top",
         shuffle_genes: bool = True,
         seed: int = 0,
         min_match_fraction: float = DEFAULT_MIN_MATCH_FRACTION,
@@ -168,6 +171,9 @@ class PanFoMaGeneProcessor(ValueIdsMixin, FeatureExtractionMixin):
         self.n_bins = n_bins
         self.max_genes = max_genes
         self.include_zero_genes = bool(include_zero_genes)
+        if gene_selection not in GENE_SELECTIONS:
+            raise ValueError(f"gene_selection must be one of {GENE_SELECTIONS}, got {gene_selection!r}.")
+        self.gene_selection = gene_selection
         self.shuffle_genes = bool(shuffle_genes)
         self.seed = int(seed)
         self.min_match_fraction = float(min_match_fraction)
@@ -505,6 +511,7 @@ class PanFoMaGeneProcessor(ValueIdsMixin, FeatureExtractionMixin):
             cells = encode_cells(
                 projected.indptr, tokens[projected.indices], projected.data, n_bins=self.n_bins, max_genes=max_genes,
                 rngs=rngs, include_zero_genes=self.include_zero_genes, zero_pool=zero_pool,
+                gene_selection=self.gene_selection,
                 shuffle=self.shuffle_genes, target_sum=self.target_sum,
             )
             yield row_index, cells

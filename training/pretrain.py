@@ -18,9 +18,12 @@ is documented there; the resolved configuration is saved as `pretraining_config.
 
 Choices, and why:
 
-* **Objective**: masked value modelling (`PanFoMaForPreTraining`); the data collator samples `max_genes`
-  genes per cell per epoch (paper: 3,072) and masks `config.mask_ratio` of them, from a generator seeded by
-  `(seed, epoch, cell idx)`, so a batch is a pure function of (seed, epoch, position in the epoch).
+* **Objective**: masked value modelling (`PanFoMaForPreTraining`; by default regression of the masked genes'
+  normalised expression from their own state and from the cell embedding alone); the data collator samples
+  `max_genes` genes per cell per epoch (paper: 3,072) and masks `config.mask_ratio` of them, from a generator
+  seeded by `(seed, epoch, cell idx)`, so a batch is a pure function of (seed, epoch, position in the epoch).
+  Every logged step also records the shortcut floors (`shortcut_floors.py`): the losses of predictors that read
+  only the cell's visible-value histogram or the genes' corpus marginals, computed on the same batches.
 * **Optimiser**: AdamW with the parameter groups of `panfoma.training.optim.parameter_groups` (the one
   weight-decay policy, shared with fine-tuning): no decay on Mamba `A_log` / `D`, norms, biases, 1-D
   parameters and embedding tables.
@@ -59,6 +62,7 @@ import numpy as np
 import torch
 
 from .optim import parameter_groups  # the one weight-decay policy, shared with fine-tuning
+from .shortcut_floors import ShortcutFloors
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +73,10 @@ METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "pretraining_config.yaml"
 #: An override value meaning "set this field to None" (`--eval-split none` on the command line).
 EXPLICIT_NONE = "__none__"
+#: Loss terms of `PanFoMaForPreTrainingOutput` logged separately (each when its weight is > 0).
+LOSS_TERMS = ("mvm_loss", "mse_loss", "mvc_loss")
+#: Training batches whose masked targets give the per-gene statistics of the shortcut floors.
+FLOOR_FIT_BATCHES = 50
 #: Columns a pretraining dataset must have (PanFoMaBench layout; `panfoma build-bench` writes them).
 REQUIRED_COLUMNS = ("idx", "gene_ids", "counts")
 
@@ -312,7 +320,8 @@ def _collator_class():
 def make_collator(processor: Any, model_config: Any, *, mlm: bool = True, seed: int = 0, **kwargs: Any):
     """The training collator (`panfoma.tokenization.PanFoMaDataCollator`) configured for `model_config`."""
     return _collator_class()(processor, mlm=mlm, mask_ratio=model_config.mask_ratio, seed=seed,
-                               return_raw_values=model_config.mse_loss_weight > 0, **kwargs)
+                               return_raw_values=model_config.mse_loss_weight > 0 or model_config.mvc_loss_weight > 0,
+                               **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------- model
@@ -513,9 +522,7 @@ def pretrain(cfg: PretrainingConfig) -> Path:
     data = load_splits(cfg.dataset, splits, streaming=cfg.streaming)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
-    if model.config.mse_loss_weight == 0:
-        # Without the MSE term the value regressor gets no gradient; DDP would fail on the unused parameters.
-        model.value_regressor.requires_grad_(False)
+    model.freeze_unused_heads()  # heads of loss terms weighted 0 get no gradient; DDP would fail on them
     collator = make_collator(processor, model.config, seed=cfg.seed)
     train = _Loader(accelerator, data[cfg.train_split], collator, cfg, shuffle=True)
     evaluation = (_Loader(accelerator, data[cfg.eval_split], make_collator(processor, model.config, seed=cfg.seed),
@@ -561,10 +568,15 @@ def pretrain(cfg: PretrainingConfig) -> Path:
         accelerator.init_trackers("pretrain", config={k: v for k, v in cfg.to_dict().items()
                                                       if isinstance(v, (int, float, str, bool))})
 
+    # The floors a model reaches without reading the cell (shortcut_floors.py), logged beside every loss.
+    model_config = accelerator.unwrap_model(model).config
+    floors = ShortcutFloors(model_config.n_bins, model_config.vocab_size).fit(
+        batch for _, batch in zip(range(FLOOR_FIT_BATCHES), train.epoch(0)))
+
     model.train()
     bar = tqdm(total=total_steps, initial=state["global_step"], desc="PanFoMa pretrain", unit="step",
                disable=not (cfg.progress and accelerator.is_local_main_process))
-    window = {"loss": [], "mvm_loss": [], "cells": 0, "tokens": 0, "start": time.perf_counter()}
+    window = _new_window()
     grad_norm = None
     done = state["global_step"] >= total_steps
     while not done:
@@ -583,8 +595,10 @@ def pretrain(cfg: PretrainingConfig) -> Path:
                 optimizer.zero_grad()
             state["batches_in_epoch"] += 1
             window["loss"].append(outputs.loss.detach().float())
-            if outputs.mvm_loss is not None:
-                window["mvm_loss"].append(outputs.mvm_loss.detach().float())
+            for term in LOSS_TERMS:
+                if getattr(outputs, term) is not None:
+                    window[term].append(getattr(outputs, term).detach().float())
+            window["floors"].append(floors(batch))
             window["cells"] += int(batch["input_ids"].shape[0])
             window["tokens"] += int(batch["attention_mask"].sum())
             if not accelerator.sync_gradients:
@@ -600,7 +614,7 @@ def pretrain(cfg: PretrainingConfig) -> Path:
                 state["tokens_seen"] += record.pop("_tokens")
                 bar.set_postfix(loss=f"{record['loss']:.4f}")
                 _emit(accelerator, output_dir, record, log_with)
-                window = {"loss": [], "mvm_loss": [], "cells": 0, "tokens": 0, "start": time.perf_counter()}
+                window = _new_window()
             if evaluation is not None and cfg.eval_steps and step % cfg.eval_steps == 0:
                 metrics = _evaluate(accelerator, model, evaluation, cfg.max_eval_batches)
                 _emit(accelerator, output_dir, {"step": step, **metrics}, log_with)
@@ -630,6 +644,12 @@ def pretrain(cfg: PretrainingConfig) -> Path:
     return output_dir
 
 
+def _new_window() -> dict:
+    """Accumulators of one logging window."""
+    return {"loss": [], **{term: [] for term in LOSS_TERMS}, "floors": [], "cells": 0, "tokens": 0,
+            "start": time.perf_counter()}
+
+
 def _log_record(accelerator, state: dict, window: dict, scheduler, grad_norm) -> dict:
     """Loss averaged over the window's micro-batches and all processes; throughput over all processes."""
     elapsed = max(time.perf_counter() - window["start"], 1e-9)
@@ -639,9 +659,12 @@ def _log_record(accelerator, state: dict, window: dict, scheduler, grad_norm) ->
               "learning_rate": float(scheduler.get_last_lr()[0]), "world_size": accelerator.num_processes,
               "cells_per_s": float(counts[0]) / elapsed, "tokens_per_s": float(counts[1]) / elapsed,
               "_cells": int(counts[0]), "_tokens": int(counts[1])}
-    if window["mvm_loss"]:
-        record["mvm_loss"] = float(accelerator.reduce(torch.stack(window["mvm_loss"]).mean().to(accelerator.device),
-                                                      "mean"))
+    for term in LOSS_TERMS:
+        if window[term]:
+            record[term] = float(accelerator.reduce(torch.stack(window[term]).mean().to(accelerator.device), "mean"))
+    for name in sorted({key for floors in window["floors"] for key in floors}):
+        # This process's batches only: a floor is a reference line, not worth a collective per step.
+        record[name] = float(np.mean([floors[name] for floors in window["floors"] if name in floors]))
     if grad_norm is not None:
         record["grad_norm"] = float(grad_norm)
     return record
