@@ -8,7 +8,8 @@ medians are compared. The outputs of both are checked to agree first.
 
 Usage (from the repository root):
 
-    python benchmarks/ab_mixer.py --against eff3b94 [--batches 1,4] [--genes 3072] [--repeats 3] [--threads 2]
+    python benchmarks/ab_mixer.py --against eff3b94 [--batches 1,4] [--genes 3072] [--modes forward,training]
+        [--repeats 3] [--threads 2]
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ def main(argv=None) -> None:
     parser.add_argument("--preset", default="panfoma-base")
     parser.add_argument("--genes", type=int, default=3072)
     parser.add_argument("--batches", default="1,4", help="comma-separated batch sizes")
+    parser.add_argument("--modes", default="forward,training", help="forward and/or training (a training step)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0)
     args = parser.parse_args(argv)
@@ -94,6 +96,8 @@ def main(argv=None) -> None:
     for batch in (int(b) for b in args.batches.split(",")):
         inputs = make_inputs(config.vocab_size, config.n_bins, batch, args.genes)
         for train, label in ((False, "forward"), (True, "training step")):
+            if ("training" if train else "forward") not in args.modes.split(","):
+                continue
             t = interleaved({"old": call(old_mixers, inputs, train), "new": call(new_mixers, inputs, train)},
                             args.repeats)
             print(f"| {batch} | {label} | {t['old']:.2f} | {t['new']:.2f} | {t['new'] / t['old']:.3f} |", flush=True)
