@@ -52,7 +52,8 @@ def embed_alone_and_batched(model: nn.Module, inputs: dict) -> tuple:
     """(per-gene states, cell embeddings) of the whole batch at once, and of each cell run alone, stacked."""
     with torch.no_grad():
         batched = model(**inputs)
-        alone = [model(**{key: value[i : i + 1] for key, value in inputs.items()}) for i in range(len(inputs["values"]))]
+        count = len(inputs["values"])
+        alone = [model(**{key: value[i : i + 1] for key, value in inputs.items()}) for i in range(count)]
     return (
         (batched.last_hidden_state, batched.pooler_output),
         (torch.cat([o.last_hidden_state for o in alone]), torch.cat([o.pooler_output for o in alone])),

@@ -314,7 +314,11 @@ def test_numba_kernels_module_imported_at_first_numba_scan():
 def _sequence_major(inputs):
     """The mixer's layout: u, delta, z as (b, e, l) views of (b, l, e) memory, z a strided half of a (b, l, 2e)
     tensor like in_proj's output, and B, C as (b, s, l) views of one (b, l, 2s) tensor like x_proj's output."""
-    out = {name: tensor.transpose(1, 2).contiguous().transpose(1, 2) for name, tensor in inputs.items() if tensor.dim() == 3}
+    out = {
+        name: tensor.transpose(1, 2).contiguous().transpose(1, 2)  # (b, e, l) view of (b, l, e) memory
+        for name, tensor in inputs.items()
+        if tensor.dim() == 3
+    }
     xz = torch.cat([inputs["u"], inputs["z"]], dim=1).transpose(1, 2).contiguous()  # (b, l, 2e)
     out["z"] = xz.chunk(2, dim=-1)[1].transpose(1, 2)
     bc = torch.cat([inputs["B"], inputs["C"]], dim=1).transpose(1, 2).contiguous()  # (b, l, 2s)
