@@ -39,7 +39,7 @@ CLIENT_SCRIPT = textwrap.dedent(
     from huggingface_hub import HfApi, snapshot_download
     from transformers import AutoModel
     from panfoma import PanFoMaConfig, PanFoMaModel
-    from panfoma.training.hub import add_push_arguments, push_model_to_hub, run_push
+    from panfoma.hub.push import add_push_arguments, push_model_to_hub, run_push
 
     try:
         from panfoma.tokenization import PanFoMaGeneProcessor, register_auto_classes
@@ -321,7 +321,7 @@ def test_server_tree_and_paths_info_listings(bare_hub):
 
 # ------------------------------------------------------------------ bad input to the push helpers (no network)
 def test_push_model_refuses_bad_folders(tmp_path):
-    from panfoma.training.hub import push_model_to_hub
+    from panfoma.hub.push import push_model_to_hub
 
     with pytest.raises(FileNotFoundError, match="does not exist"):
         push_model_to_hub(tmp_path / "absent", "user/x")
@@ -346,7 +346,7 @@ def test_push_model_refuses_bad_folders(tmp_path):
 
 
 def test_push_dataset_refuses_bad_folders(tmp_path):
-    from panfoma.training.hub import push_dataset_to_hub
+    from panfoma.hub.push import push_dataset_to_hub
 
     with pytest.raises(FileNotFoundError, match="does not exist"):
         push_dataset_to_hub(tmp_path / "absent", "user/x")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from panfoma import PanFoMaConfig, PanFoMaForCellClassification, PanFoMaModel
-from panfoma.training.model_card import (
+from panfoma.hub.model_card import (
     count_parameters,
     describe_dataset_folder,
     generate_model_card,
@@ -105,7 +105,6 @@ def test_training_data_from_a_built_folder_matches_load_dataset(tmp_path):
 
 
 def test_processor_settings_and_vocab_hash_in_card():
-    pytest.importorskip("panfoma.tokenization.processing_panfoma")
     from panfoma.tokenization import PanFoMaGeneProcessor
 
     processor = PanFoMaGeneProcessor(max_genes=999, n_bins=21)
@@ -115,6 +114,10 @@ def test_processor_settings_and_vocab_hash_in_card():
     assert table_value(text, "n_bins") == "21"
     assert table_value(text, "vocab_hash") == processor.vocab_hash
     assert "The processor is saved in this repository" in text
+    # Every scalar setting the processor saves is in the card (keys come from `to_dict()`, not a list here).
+    for key, value in processor.to_dict().items():
+        if key not in ("vocab_file", "feature_extractor_type") and isinstance(value, (str, int, float, bool)):
+            assert table_value(text, key) == str(value), key
 
 
 def test_vocab_mismatch_between_processor_and_model_is_refused():
@@ -177,5 +180,5 @@ def test_committed_preset_cards_are_up_to_date(preset, tmp_path):
     main([preset, "-o", str(tmp_path / "README.md")])
     assert committed.read_text() == (tmp_path / "README.md").read_text(), (
         f"model_cards/{preset}/README.md is stale: regenerate it with "
-        f"`python -m panfoma.training.model_card {preset} -o model_cards/{preset}/README.md`"
+        f"`python -m panfoma.hub.model_card {preset} -o model_cards/{preset}/README.md`"
     )

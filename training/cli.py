@@ -198,7 +198,7 @@ def _check_layer(h5ad: str, layer: str | None, flag: str = "--layer") -> None:
 
 def _check_model(value: str, flag: str, presets_allowed: bool = False) -> None:
     """Refuse a model argument that cannot load before anything slow happens (see hub.check_pretrained_reference)."""
-    from .hub import _PRESET_LIKE, check_pretrained_reference
+    from panfoma.hub.push import _PRESET_LIKE, check_pretrained_reference
 
     if presets_allowed and _PRESET_LIKE.match(value) and not os.path.exists(value):
         from panfoma import PANFOMA_PRESETS
@@ -295,7 +295,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 def _cmd_push(args: argparse.Namespace) -> int:
     _import_library()
-    from .hub import run_push
+    from panfoma.hub.push import run_push
 
     return run_push(args)
 
@@ -349,7 +349,7 @@ _COMMANDS: dict[str, _Command] = {
                             "add_build_bench_arguments", _cmd_build_bench),
     "evaluate": _Command("evaluate embeddings on the paper's tasks against baselines", ".evaluation",
                          "add_evaluate_arguments", _cmd_evaluate),
-    "push": _Command("push a model folder (model + processor + card) or a dataset folder to the Hub", ".hub",
+    "push": _Command("push a model folder (model + processor + card) or a dataset folder to the Hub", "panfoma.hub.push",
                      "add_push_arguments", _cmd_push, compute=False),
 }
 

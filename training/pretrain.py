@@ -687,7 +687,7 @@ def save_pretrained_with_card(model, processor, output_dir: str | os.PathLike, *
     output_dir = Path(output_dir)
     model.save_pretrained(output_dir)
     processor.save_pretrained(output_dir)
-    from .model_card import generate_model_card
+    from panfoma.hub.model_card import generate_model_card
 
     if training_data is not None and not (Path(training_data) / "studies.json").is_file():
         training_data = {"name": Path(str(training_data)).name}

@@ -7,7 +7,7 @@ through `huggingface_hub.ModelCard` before it is returned.
 
 Example:
     >>> from panfoma import PanFoMaConfig
-    >>> from panfoma.training.model_card import generate_model_card
+    >>> from panfoma.hub.model_card import generate_model_card
     >>> card = generate_model_card(PanFoMaConfig.from_preset("panfoma-tiny", vocab_size=1000),
     ...                            metrics={"accuracy": 0.91}, repo_id="me/panfoma-tiny")
     >>> card.startswith("---") and "model-index" in card
@@ -66,11 +66,9 @@ _ARCHITECTURE_ROWS = (
     ("vocab_hash", "Gene vocabulary hash"),
 )
 
-# Processor attributes shown in the card when the processor has them (its `to_dict()` is searched too).
-_PROCESSOR_KEYS = (
-    "n_bins", "max_genes", "vocab_hash", "vocab_size", "binning", "min_match_fraction", "add_zero_genes",
-    "sample_genes", "keep_unknown_genes", "return_raw_values", "gene_id_type", "seed",
-)
+# Entries of the processor's `to_dict()` the card leaves out: the vocabulary file name (the file ships in the
+# repository and is identified by `vocab_hash`) and the class name written twice (`processor_class` stays).
+_PROCESSOR_SKIP_KEYS = ("vocab_file", "feature_extractor_type")
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -116,21 +114,16 @@ def _table(rows: Sequence[tuple[str, Any]], header: tuple[str, str]) -> str:
 
 
 def _processor_settings(processor) -> dict[str, Any]:
-    """Scalar settings of a gene processor, from its attributes and its `to_dict()`."""
+    """Scalar settings of a gene processor, read from its `to_dict()` (or a mapping of the same shape).
+
+    Reading `to_dict()` rather than a list of attribute names means the card shows exactly what
+    `save_pretrained` writes, and a setting added to the processor appears in the card without an edit here.
+    """
     if processor is None:
         return {}
-    if isinstance(processor, Mapping):
-        source = dict(processor)
-    else:
-        source = {}
-        if hasattr(processor, "to_dict"):
-            source.update(processor.to_dict())
-        for key in _PROCESSOR_KEYS:
-            if hasattr(processor, key) and not callable(getattr(processor, key)):
-                source[key] = getattr(processor, key)
-        source.setdefault("processor_class", type(processor).__name__)
-    keep = ("processor_class", "feature_extractor_type", *_PROCESSOR_KEYS)
-    return {k: source[k] for k in keep if k in source and isinstance(source[k], (str, Number, bool, type(None)))}
+    source = dict(processor) if isinstance(processor, Mapping) else dict(processor.to_dict())
+    return {k: v for k, v in source.items()
+            if k not in _PROCESSOR_SKIP_KEYS and isinstance(v, (str, Number, bool, type(None)))}
 
 
 def describe_dataset_folder(path: str | Path) -> dict[str, Any]:
@@ -392,7 +385,7 @@ def save_model_card(save_directory: str | Path, config=None, **kwargs) -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Write the card of a size preset: `python -m panfoma.training.model_card panfoma-small -o README.md`."""
+    """Write the card of a size preset: `python -m panfoma.hub.model_card panfoma-small -o README.md`."""
     import argparse
 
     from panfoma import PANFOMA_PRESETS, PanFoMaConfig

@@ -12,7 +12,7 @@ The CLI wiring is two lines in the `panfoma` entry point:
     return run_push(args)
 
 Example:
-    >>> from panfoma.training.hub import push_model_to_hub
+    >>> from panfoma.hub.push import push_model_to_hub
     >>> push_model_to_hub("runs/pretrain/final", "me/panfoma-small", metrics={"accuracy": 0.91})  # doctest: +SKIP
 """
 
