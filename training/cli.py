@@ -293,6 +293,36 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_annotate(args: argparse.Namespace) -> int:
+    if not str(args.output).endswith(".h5ad"):
+        raise PanFoMaUsageError(f"--output {args.output}: the output is an .h5ad file; name it e.g. query.annotated.h5ad")
+    if args.classifier is None and (args.reference is None or args.model is None):
+        raise PanFoMaUsageError("give --reference REF.h5ad and --model MODEL (kNN label transfer), or --classifier "
+                                "CHECKPOINT (a fine-tuned classifier)")
+    with tempfile.TemporaryDirectory(prefix="panfoma-input-") as workdir:
+        query = _prepare_input(args.query, "query", Path(workdir))
+        reference = _prepare_input(args.reference, "--reference", Path(workdir)) if args.reference else None
+        _check_layer(query, args.layer)
+        if reference:
+            _check_layer(reference, args.reference_layer, "--reference-layer")
+        if args.classifier:
+            _check_model(args.classifier, "--classifier")
+        else:
+            _check_model(args.model, "--model", presets_allowed=True)
+        _import_library()
+        from panfoma.inference.annotate import annotate_file
+
+        output, result = annotate_file(
+            query, args.output, reference_h5ad=reference, label_key=args.label_key, model=args.model,
+            classifier=args.classifier, report_path=args.report, overwrite=args.overwrite,
+            n_neighbors=args.n_neighbors, min_confidence=args.min_confidence, backend=args.backend,
+            batch_size=args.batch_size, max_genes=args.max_genes, layer=args.layer,
+            reference_layer=args.reference_layer, device=args.device, precision=args.precision)
+    _print(result.report.summary())
+    _print(f"wrote obs['panfoma_label'], obs['panfoma_label_confidence'] to {output}")
+    return 0
+
+
 def _cmd_push(args: argparse.Namespace) -> int:
     _import_library()
     from panfoma.hub.push import run_push
@@ -349,6 +379,8 @@ _COMMANDS: dict[str, _Command] = {
                             "add_build_bench_arguments", _cmd_build_bench),
     "evaluate": _Command("evaluate embeddings on the paper's tasks against baselines", ".evaluation",
                          "add_evaluate_arguments", _cmd_evaluate),
+    "annotate": _Command("label a query .h5ad from an annotated reference (kNN on cell embeddings) or a fine-tuned "
+                         "classifier", "panfoma.inference.annotate", "add_annotate_arguments", _cmd_annotate),
     "push": _Command("push a model folder (model + processor + card) or a dataset folder to the Hub", "panfoma.hub.push",
                      "add_push_arguments", _cmd_push, compute=False),
 }
