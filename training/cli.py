@@ -323,6 +323,27 @@ def _cmd_annotate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_perturb(args: argparse.Namespace) -> int:
+    with tempfile.TemporaryDirectory(prefix="panfoma-input-") as workdir:
+        source = _prepare_input(args.input, "input", Path(workdir))
+        _check_layer(source, args.layer)
+        _check_model(args.model, "model", presets_allowed=True)
+        _import_library()
+        from panfoma.inference.perturb import perturb_file
+
+        split = lambda text: [part.strip() for part in text.split(",") if part.strip()] if text else None  # noqa: E731
+        result = perturb_file(args.model, source, args.output, cell_shifts_path=args.cell_shifts,
+                              overwrite=args.overwrite, device=args.device, genes=split(args.genes), mode=args.mode,
+                              n_top_genes=args.n_top_genes, target=args.target, target_key=args.target_key,
+                              source=split(args.source), batch_size=args.batch_size, max_genes=args.max_genes,
+                              layer=args.layer)
+    shown = result.genes.head(10).to_string(index=False, float_format=lambda v: f"{v:.4f}")
+    _print(f"{result.mode}: {len(result.genes)} genes ranked"
+           + (f" by the move toward the {result.target_description}" if result.target_description else
+              " by the mean embedding shift") + f"\n{shown}\nwrote {args.output}")
+    return 0
+
+
 def _cmd_push(args: argparse.Namespace) -> int:
     _import_library()
     from panfoma.hub.push import run_push
@@ -381,6 +402,9 @@ _COMMANDS: dict[str, _Command] = {
                          "add_evaluate_arguments", _cmd_evaluate),
     "annotate": _Command("label a query .h5ad from an annotated reference (kNN on cell embeddings) or a fine-tuned "
                          "classifier", "panfoma.inference.annotate", "add_annotate_arguments", _cmd_annotate),
+    "perturb": _Command("in-silico perturbation: delete or overexpress genes, rank them by the embedding shift or the "
+                        "move toward a target state", "panfoma.inference.perturb", "add_perturb_arguments",
+                        _cmd_perturb),
     "push": _Command("push a model folder (model + processor + card) or a dataset folder to the Hub", "panfoma.hub.push",
                      "add_push_arguments", _cmd_push, compute=False),
 }
