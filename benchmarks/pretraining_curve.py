@@ -121,7 +121,7 @@ def probe_scores(features: np.ndarray, adata, split) -> dict:
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from panfoma.training.eval_metrics import classification_metrics
+    from panfoma.evaluation.metrics import classification_metrics
 
     y = adata.obs["cell_type"].astype(str).to_numpy()
     per_seed = []
@@ -148,7 +148,7 @@ def probe_scores(features: np.ndarray, adata, split) -> dict:
 
 def baseline_features(adata) -> np.ndarray:
     """Log-normalised highly variable genes (the features `HVGPCABaseline` projects), dense."""
-    from panfoma.training.eval_metrics import HVGPCABaseline, log_normalize
+    from panfoma.evaluation.baselines import HVGPCABaseline, log_normalize
 
     lognorm = log_normalize(adata)
     base = HVGPCABaseline(input_is_lognorm=True)
@@ -211,9 +211,14 @@ def main(argv=None) -> int:
         warmup_steps=max(1, args.steps // 20), max_steps=args.steps, logging_steps=10, eval_steps=0, save_steps=save_every,
         save_total_limit=10, seed=SEED, cpu=True, resume="auto", progress=True,
     )
-    t0 = time.perf_counter()
-    pretrain(cfg)
-    train_seconds = time.perf_counter() - t0
+    timing = out / "train_seconds.json"
+    if (model_dir / "model.safetensors").is_file() and timing.is_file():
+        logger.info("%s holds a finished run: probing it (pass --overwrite to retrain)", model_dir)
+    else:
+        t0 = time.perf_counter()
+        pretrain(cfg)
+        timing.write_text(json.dumps({"train_seconds": time.perf_counter() - t0}))
+    train_seconds = json.loads(timing.read_text())["train_seconds"]
 
     processor = PanFoMaGeneProcessor.from_pretrained(model_dir)
     processor.max_genes = None

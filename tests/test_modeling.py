@@ -293,8 +293,9 @@ def test_chunk_layout_is_balanced_and_covers_every_gene_once():
         assert torch.equal(layout.gather_index[row][slots], torch.arange(length))
 
 
-def test_invariant_to_gene_order_within_chunks_and_to_chunk_order():
-    model, tester = _model(PanFoMaModel)
+@pytest.mark.parametrize("value_encoding", ["scaled", "additive"])
+def test_invariant_to_gene_order_within_chunks_and_to_chunk_order(value_encoding):
+    model, tester = _model(PanFoMaModel, value_encoding=value_encoding)
     batch = tester.inputs(batch=1, genes=24, n_padding=(0,))  # 24 genes, chunk 8 -> 3 chunks of 8
     with torch.no_grad():
         reference = model(**batch)
@@ -313,8 +314,9 @@ def test_invariant_to_gene_order_within_chunks_and_to_chunk_order():
         assert torch.equal(genes(out, permuted), genes(reference, batch))
 
 
-def test_padding_does_not_change_a_cell():
-    model, tester = _model(PanFoMaModel)
+@pytest.mark.parametrize("value_encoding", ["scaled", "additive"])
+def test_padding_does_not_change_a_cell(value_encoding):
+    model, tester = _model(PanFoMaModel, value_encoding=value_encoding)
     batch = tester.inputs(batch=3, genes=30, n_padding=(0, 7, 19))
     with torch.no_grad():
         together = model(**batch)
@@ -518,6 +520,25 @@ def test_bf16_autocast_on_cpu_is_close_to_fp32():
             bf16 = model(**batch).pooler_output
     assert torch.isfinite(bf16).all()
     assert F.cosine_similarity(fp32, bf16.float()).min() > 0.98
+
+
+def test_weighted_mean_pooling_weighs_genes_by_their_expression_bin():
+    model, tester = _model(PanFoMaModel, pooling="weighted_mean")
+    batch = tester.inputs(batch=1, n_padding=(0,))
+    plain, _ = _model(PanFoMaModel, pooling="mean")
+    plain.load_state_dict(model.state_dict())  # same weights, plain mean pooling
+    same_bin = dict(batch, values=torch.full_like(batch["values"], 5))
+    with torch.no_grad():
+        # Every gene in the same bin: equal weights, so the weighted mean is the plain mean.
+        assert torch.allclose(model(**same_bin).pooler_output, plain(**same_bin).pooler_output, atol=1e-5)
+        # Different bins: the pooled vector leans towards the states of the highly expressed genes.
+        out = model(**batch)
+        states, bins = out.last_hidden_state[0], batch["values"][0]
+        high, low = states[bins >= 7].mean(0), states[bins <= 3].mean(0)
+        shift = out.pooler_output[0] - plain(**batch).pooler_output[0]
+        assert torch.dot(shift, high - low) > 0
+    weights = model.embeddings.value_weights(torch.arange(1, tester.config.n_bins))
+    assert torch.all(weights[1:] > weights[:-1])  # initialised increasing with the bin
 
 
 def test_pooling_modes():

@@ -70,6 +70,10 @@ def test_tiny_pretraining_logs_checkpoints_and_saves_a_loadable_model(tiny_datas
     records = [r for r in read_metrics(out) if "loss" in r]
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     assert all(math.isfinite(r["loss"]) and r["world_size"] == 1 and r["cells_per_s"] > 0 for r in records)
+    # The shortcut floors are logged beside every loss, with the terms they are compared with.
+    floors = ("floor_ce_cell_histogram", "floor_ce_gene_marginal", "floor_mse_cell_mean", "floor_mse_gene_mean",
+              "floor_mse_gene_plus_cell")
+    assert all(math.isfinite(r[key]) and r[key] > 0 for r in records for key in floors + ("mse_loss", "mvc_loss"))
     # Warmup to the peak learning rate at step 2, cosine decay to 0 at the last step.
     lrs = [r["learning_rate"] for r in records]
     assert lrs[1] == pytest.approx(1e-3) and lrs[0] < lrs[1] and lrs[-1] == pytest.approx(0.0)
