@@ -8,7 +8,7 @@ Usage (from the repository root):
 
 With `--model PATH` (a PanFoMa folder with its processor, e.g. the one `benchmarks/pretrain_eval_model.py`
 writes, or a preset name such as `panfoma-small` for a randomly initialised model), the PanFoMa hooks come from
-`panfoma.training.evaluation.model_tracks` -- the same wiring as `panfoma evaluate --model ... --finetune`: every
+`panfoma.evaluation.model_tracks` -- the same wiring as `panfoma evaluate --model ... --finetune`: every
 cell task gets the PanFoMa zero-shot track (frozen `pooler_output` embeddings over every expressed gene: a linear
 probe for the supervised tasks, scIB metrics for integration and multi-omic) and the `panfoma_random_init` control
 beside it (same config and processor, random weights); gene programs use its gene-token embeddings. The PBMC
@@ -54,7 +54,7 @@ def gate_protein_labels(adata, protein_names) -> np.ndarray:
     """Coarse PBMC types from CLR protein levels: a marker is 'high' above the midpoint of 1-D 2-means."""
     from sklearn.cluster import KMeans
 
-    from panfoma.training.evaluation import clr_normalize
+    from panfoma.evaluation.baselines import clr_normalize
 
     clr = pd.DataFrame(clr_normalize(adata.obsm["protein_expression"]), columns=[n.split("_")[0] for n in protein_names])
 
@@ -194,7 +194,7 @@ def main(argv=None) -> int:
     import anndata as ad
     import torch
 
-    from panfoma.training import evaluation as ev
+    import panfoma.evaluation as ev
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     if not args.data_dir.exists():

@@ -1,4 +1,4 @@
-"""Tests of the evaluation tasks (panfoma.training.evaluation and its metric helpers).
+"""Tests of the evaluation tasks (panfoma.evaluation: tasks, baselines, metrics, reports).
 
 Metric tests use small constructed embeddings whose scores can be worked out by hand; end-to-end
 tests run every task on subsets of ../shared/data (skipped when absent) with the model-free
@@ -21,15 +21,14 @@ pytest.importorskip("scanpy", reason='evaluation extra not installed: pip instal
 
 import anndata as ad  # noqa: E402
 
-from panfoma.training import evaluation as ev  # noqa: E402
-from panfoma.training.eval_gene_sets import default_gene_families  # noqa: E402
-from panfoma.training.eval_metrics import (  # noqa: E402
-    LinearProbe,
+import panfoma.evaluation as ev  # noqa: E402
+from panfoma.evaluation.baselines import LinearProbe, log_normalize  # noqa: E402
+from panfoma.evaluation.gene_sets import default_gene_families  # noqa: E402
+from panfoma.evaluation.metrics import (  # noqa: E402
     _pair_auroc,
     classification_metrics,
     family_auroc,
     integration_metrics,
-    log_normalize,
     majority_vote,
 )
 

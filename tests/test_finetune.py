@@ -122,7 +122,7 @@ def test_finetune_on_real_single_donor_pbmc_reports_the_saved_models_test_metric
 
     from panfoma.tokenization import PanFoMaDataCollator, PanFoMaGeneProcessor
     from panfoma.training.bench import PanFoMaBenchQCConfig, PanFoMaBenchStudy, build_bench
-    from panfoma.training.eval_metrics import classification_metrics
+    from panfoma.evaluation.metrics import classification_metrics
     from panfoma.training.finetune import _load_dataset_dict
 
     study = PanFoMaBenchStudy(name="pbmc", path=str(shared_data / "pbmc" / "pbmc68k_reduced_counts.h5ad"),

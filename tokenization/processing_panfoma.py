@@ -479,9 +479,9 @@ class PanFoMaGeneProcessor(ValueIdsMixin, FeatureExtractionMixin):
             block = self._read_rows(matrix, start, stop)
             self._validate_block(block, start, names)
             if log_scale is None and block.nnz:
-                from panfoma.training.eval_metrics import _looks_log_transformed  # the package's one heuristic
+                from .normalization import looks_log_transformed  # the package's one heuristic
 
-                log_scale = _looks_log_transformed(block)
+                log_scale = looks_log_transformed(block)
                 if log_scale and return_raw_values:
                     logger.warning(
                         "the expression values look log-transformed (all < 30, non-integer); bins are unaffected, "

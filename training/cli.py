@@ -286,7 +286,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         if getattr(args, "query", None):
             args.query = [_prepare_input(p, "--query", Path(workdir)) for p in args.query]
         _import_library()
-        from .evaluation import run_evaluate
+        from panfoma.evaluation.command import run_evaluate
 
         run_evaluate(args)
     _print(f"evaluation report written to {args.output_dir}")
@@ -398,7 +398,7 @@ _COMMANDS: dict[str, _Command] = {
                       _cmd_embed),
     "build-bench": _Command("build a PanFoMaBench-style dataset from .h5ad studies", ".bench",
                             "add_build_bench_arguments", _cmd_build_bench),
-    "evaluate": _Command("evaluate embeddings on the paper's tasks against baselines", ".evaluation",
+    "evaluate": _Command("evaluate embeddings on the paper's tasks against baselines", "panfoma.evaluation.command",
                          "add_evaluate_arguments", _cmd_evaluate),
     "annotate": _Command("label a query .h5ad from an annotated reference (kNN on cell embeddings) or a fine-tuned "
                          "classifier", "panfoma.inference.annotate", "add_annotate_arguments", _cmd_annotate),

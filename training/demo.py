@@ -16,7 +16,7 @@ Steps (all outputs in `output_dir`, default `panfoma-demo/`):
    PBMC comes from one donor, so its split is a stratified split of cells (within-donor annotation); the
    synthetic cohort is split by patient.
 5. **Baseline** on the same split: PCA (50 components) of log-normalised counts + logistic regression.
-   Every score (fine-tuned, linear probe, baseline) is `eval_metrics.classification_metrics`: the one
+   Every score (fine-tuned, linear probe, baseline) is `evaluation.metrics.classification_metrics`: the one
    accuracy and macro-F1 (over the classes present in the test labels) of `finetune` and `evaluate`.
 6. **Embeddings** of every cell -> `embeddings.h5ad` (`obsm["X_panfoma"]`) and a UMAP plot
    `umap.png` (PCA when umap-learn is missing), plus `summary.json`.
@@ -39,7 +39,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .eval_metrics import classification_metrics  # the one accuracy / macro-F1, as finetune and evaluate
+from panfoma.evaluation.metrics import classification_metrics  # the one accuracy / macro-F1, as finetune and evaluate
 
 logger = logging.getLogger(__name__)
 

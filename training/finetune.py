@@ -40,7 +40,7 @@ Choices:
   constants below, read by `finetune()`, `panfoma finetune` and the evaluation's fine-tuned track alike.
 * The model argument may be a checkpoint folder, a Hub id or a preset name (`"panfoma-small"`: a randomly
   initialised backbone with the default processor).
-* **Metrics**: accuracy and macro-F1 from `panfoma.training.eval_metrics.classification_metrics` (the one
+* **Metrics**: accuracy and macro-F1 from `panfoma.evaluation.metrics.classification_metrics` (the one
   definition: macro-F1 over the classes present in the true labels).
 * The saved folder holds the model with `id2label`, the processor and a generated model card with the
   test metrics in `model-index`.
@@ -85,7 +85,7 @@ DEFAULT_MAX_GENES: int | None = None
 
 
 def compute_classification_metrics(eval_pred) -> dict[str, float]:
-    """`compute_metrics` for `Trainer`: `eval_metrics.classification_metrics` on argmax predictions; `-100` ignored.
+    """`compute_metrics` for `Trainer`: `evaluation.metrics.classification_metrics` on argmax predictions; `-100` ignored.
 
     Example:
         >>> import numpy as np
@@ -93,7 +93,7 @@ def compute_classification_metrics(eval_pred) -> dict[str, float]:
         >>> compute_classification_metrics((logits, np.array([0, 1, 1])))["accuracy"]
         0.6666666666666666
     """
-    from .eval_metrics import classification_metrics
+    from panfoma.evaluation.metrics import classification_metrics
 
     logits, labels = eval_pred[0], eval_pred[1]
     logits = logits[0] if isinstance(logits, tuple) else logits

@@ -1,45 +1,33 @@
-"""Metrics, probes and baselines shared by the PanFoMa evaluation tasks.
+"""The one set of evaluation metrics: accuracy / macro-F1, patient majority vote, scIB integration, gene programs.
 
-Everything here works on plain arrays or AnnData and knows nothing about the model: a task gives it an
-embedding ``(n_cells, d)`` and labels. Heavy optional dependencies (scanpy, scib, leidenalg) are
-imported inside the functions that need them, with an install hint (``pip install "panfoma[eval]"``).
+Owns every number a PanFoMa report prints. `classification_metrics` is the ONE accuracy / macro-F1 of the
+package (fine-tuning's `compute_metrics`, the demo and every evaluation task call it). Metrics work on plain
+arrays and know nothing about the model. Heavy optional dependencies (scanpy, scib, leidenalg) are imported
+inside the functions that need them, with an install hint (``pip install "panfoma[eval]"``).
 
-Protocol choices (written down because the paper leaves them open):
-
-- **Log-normalisation**: counts scaled to 10,000 per cell then ``log1p`` (per cell, so it leaks nothing
-  between train and test).
-- **PCA baseline**: 2,000 highly variable genes (scanpy ``flavor="seurat"`` on log data, which also
-  suits non-integer Smart-seq2 values), centred, 50 components; fitted on the *training* cells only
-  in supervised tasks and projected onto the others.
-- **Linear probe**: standardised features, multinomial logistic regression (``lbfgs``: scikit-learn
-  1.9's ``liblinear`` refuses more than two classes), inverse regularisation ``C`` chosen on the
-  validation split by macro-F1, then refitted on train + validation. The test split is never seen
-  during selection.
-- **scIB metrics** (via the ``scib`` package, whose values are the reference ones): 15-NN graph of the
-  embedding; NMI-optimal Leiden (or Louvain) clustering over a resolution sweep; NMI, ARI on that
-  clustering; ASW_label and ASW_batch (scaled to [0, 1]); graph connectivity.
-  ``Avg_bio = mean(NMI, ARI, ASW_label)``, ``Avg_batch = mean(ASW_batch, graph connectivity)``, as
-  scGPT and GeneMamba report them.
+scIB protocol (via the ``scib`` package, whose values are the reference ones): 15-NN graph of the embedding;
+NMI-optimal Leiden (or Louvain) clustering over a resolution sweep; NMI, ARI on that clustering; ASW_label and
+ASW_batch (scaled to [0, 1]); graph connectivity. ``Avg_bio = mean(NMI, ARI, ASW_label)``,
+``Avg_batch = mean(ASW_batch, graph connectivity)``, as scGPT and GeneMamba report them.
 """
 
 from __future__ import annotations
 
+import logging
 import contextlib
 import io
-import logging
 import warnings
-from dataclasses import dataclass, field
-from typing import Iterable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+
 logger = logging.getLogger(__name__)
 
 EVAL_INSTALL_HINT = 'pip install "panfoma[eval]"'
 DEFAULT_RESOLUTIONS = (0.1, 0.2, 0.4, 0.6, 0.8, 1.0, 1.2, 1.5, 2.0)
-DEFAULT_C_GRID = (0.01, 0.1, 1.0, 10.0)
 
 
 def import_eval_dependency(name: str):
@@ -70,133 +58,6 @@ def _quiet_stdout(what: str):
         logger.debug("%s output:\n%s", what, text)
 
 
-# ----------------------------------------------------------------------------------------------
-# input checks and preprocessing
-# ----------------------------------------------------------------------------------------------
-def require_obs_columns(adata, columns: Iterable[str | None], what: str) -> None:
-    """Raise a ValueError naming every requested ``obs`` column that ``adata`` lacks."""
-    wanted = [c for c in columns if c is not None]
-    missing = [c for c in wanted if c not in adata.obs.columns]
-    if missing:
-        raise ValueError(
-            f"{what}: adata.obs has no column(s) {missing}. Available columns: {list(adata.obs.columns)}. "
-            "Pass the right key (e.g. label_key=..., batch_key=..., patient_key=...) or add the column."
-        )
-
-
-def usable_labels(values: pd.Series, column: str) -> np.ndarray:
-    """Labels as strings; refuses missing values so that 'NA' never silently becomes a class."""
-    labels = values.astype(str).to_numpy()
-    bad = pd.isna(values.to_numpy()) | np.isin(labels, ["NA", "nan", "None", ""])
-    if bad.any():
-        raise ValueError(
-            f"obs['{column}'] has {int(bad.sum())} missing values ('NA'/NaN/empty) out of {len(labels)}; "
-            "subset the AnnData to labelled cells first (e.g. adata[adata.obs[col] != 'NA'])."
-        )
-    return labels
-
-
-def _looks_log_transformed(matrix) -> bool:
-    sample = matrix[: min(matrix.shape[0], 500)]
-    data = sample.data if sp.issparse(sample) else np.asarray(sample).ravel()
-    if data.size == 0:
-        return False
-    # Counts (UMI or expected counts) reach well above 30 in a few hundred cells; log1p(CP10k) does not.
-    return float(data.max()) < 30.0 and not np.allclose(data, np.round(data))
-
-
-def log_normalize(adata, target_sum: float = 1e4, layer: str | None = None):
-    """A new AnnData with ``X = log1p(counts / total * target_sum)``; ``obs`` and ``obsm`` are kept.
-
-    Input that already looks log-normalised (non-integer, max < 30) is used as is, with a warning.
-
-    Example:
-        >>> import anndata as ad, numpy as np
-        >>> out = log_normalize(ad.AnnData(np.array([[1.0, 3.0], [2.0, 2.0]])), target_sum=4)
-        >>> np.allclose(out.X, np.log1p([[1, 3], [2, 2]]))
-        True
-    """
-    import anndata as ad
-
-    matrix = adata.layers[layer] if layer is not None else adata.X
-    matrix = matrix.tocsr().astype(np.float64) if sp.issparse(matrix) else np.asarray(matrix, dtype=np.float64)
-    if _looks_log_transformed(matrix):
-        logger.warning("X looks log-normalised already (non-integer, max < 30): using it without re-normalising.")
-        normalised = matrix.copy()
-    else:
-        totals = np.asarray(matrix.sum(axis=1)).ravel()
-        scale = np.divide(target_sum, totals, out=np.zeros_like(totals), where=totals > 0)
-        if sp.issparse(matrix):
-            normalised = sp.diags(scale) @ matrix
-            normalised.data = np.log1p(normalised.data)
-        else:
-            normalised = np.log1p(matrix * scale[:, None])
-    out = ad.AnnData(X=normalised, obs=adata.obs.copy(), var=pd.DataFrame(index=adata.var_names.copy()))
-    for key in adata.obsm.keys():
-        out.obsm[key] = adata.obsm[key]
-    return out
-
-
-@dataclass
-class HVGPCABaseline:
-    """The baseline of every task: PCA of log-normalised highly variable genes.
-
-    ``fit`` selects HVGs and fits the PCA on the given (training) cells; ``transform`` projects any
-    cells with the same genes. ``fit_transform`` is the unsupervised (integration) use. Set
-    ``input_is_lognorm=True`` when passing data already made by ``log_normalize``.
-
-    Example:
-        >>> base = HVGPCABaseline(n_top_genes=500, n_components=20)  # doctest: +SKIP
-        >>> z_train = base.fit_transform(train_adata); z_test = base.transform(test_adata)  # doctest: +SKIP
-    """
-
-    n_top_genes: int = 2000
-    n_components: int = 50
-    seed: int = 0
-    input_is_lognorm: bool = False
-    hvg_names_: list[str] = field(default_factory=list, init=False)
-
-    def _prepare(self, adata):
-        return adata if self.input_is_lognorm else log_normalize(adata)
-
-    def fit(self, adata) -> "HVGPCABaseline":
-        """Select HVGs and fit the PCA on ``adata`` (raw counts or log-normalised)."""
-        sc = import_eval_dependency("scanpy")
-        from sklearn.decomposition import PCA
-
-        lognorm = self._prepare(adata)
-        n_top = min(self.n_top_genes, lognorm.n_vars)
-        with _quiet_stdout("highly_variable_genes"):
-            hvg = sc.pp.highly_variable_genes(lognorm, n_top_genes=n_top, flavor="seurat", inplace=False)
-        self.hvg_names_ = list(lognorm.var_names[hvg["highly_variable"].to_numpy()])
-        dense = self._dense_hvg(lognorm)
-        n_comp = int(min(self.n_components, dense.shape[0] - 1, dense.shape[1]))
-        if n_comp < 2:
-            raise ValueError(f"Too few cells ({dense.shape[0]}) or genes ({dense.shape[1]}) for a PCA baseline.")
-        self.pca_ = PCA(n_components=n_comp, random_state=self.seed).fit(dense)
-        return self
-
-    def _dense_hvg(self, lognorm) -> np.ndarray:
-        missing = [g for g in self.hvg_names_ if g not in lognorm.var_names]
-        if missing:
-            raise ValueError(f"{len(missing)} baseline HVGs absent from the data (e.g. {missing[:3]}): align genes first.")
-        sub = lognorm[:, self.hvg_names_].X
-        return sub.toarray() if sp.issparse(sub) else np.asarray(sub)
-
-    def transform(self, adata) -> np.ndarray:
-        """Project cells onto the fitted components: ``(n_cells, n_components)``."""
-        if not self.hvg_names_:
-            raise RuntimeError("Call fit() before transform().")
-        return self.pca_.transform(self._dense_hvg(self._prepare(adata))).astype(np.float32)
-
-    def fit_transform(self, adata) -> np.ndarray:
-        """Fit on ``adata`` and return its projection."""
-        return self.fit(adata).transform(adata)
-
-
-# ----------------------------------------------------------------------------------------------
-# supervised probes
-# ----------------------------------------------------------------------------------------------
 def classification_metrics(y_true: Sequence, y_pred: Sequence) -> dict[str, float]:
     """Accuracy and macro-F1 (scikit-learn); macro-F1 averages over the classes present in ``y_true``.
 
@@ -237,64 +98,6 @@ def majority_vote(y_true: Sequence, y_pred: Sequence, groups: Sequence) -> tuple
     return np.array(group_ids), np.array(truths), np.array(votes)
 
 
-class LinearProbe:
-    """Logistic regression on frozen embeddings, ``C`` chosen on a validation split (never the test).
-
-    Example:
-        >>> rng = np.random.default_rng(0); x = rng.normal(size=(60, 4)); y = np.where(x[:, 0] > 0, "p", "n")
-        >>> probe = LinearProbe().fit(x[:40], y[:40], x[40:50], y[40:50])
-        >>> bool((probe.predict(x[50:]) == y[50:]).mean() > 0.7)
-        True
-    """
-
-    def __init__(self, c_grid: Sequence[float] = DEFAULT_C_GRID, max_iter: int = 2000, seed: int = 0):
-        self.c_grid = tuple(c_grid)
-        self.max_iter = max_iter
-        self.seed = seed
-
-    def _model(self, c: float):
-        from sklearn.linear_model import LogisticRegression
-        from sklearn.pipeline import make_pipeline
-        from sklearn.preprocessing import StandardScaler
-
-        return make_pipeline(
-            StandardScaler(),
-            LogisticRegression(C=c, solver="lbfgs", max_iter=self.max_iter, random_state=self.seed),
-        )
-
-    def fit(self, x_train, y_train, x_val=None, y_val=None) -> "LinearProbe":
-        """Select ``C`` by validation macro-F1 (first grid value wins ties), then refit on train + val."""
-        from sklearn.exceptions import ConvergenceWarning
-
-        y_train = np.asarray(y_train).astype(str)
-        if len(np.unique(y_train)) < 2:
-            raise ValueError("The training split has a single class; a classifier cannot be trained.")
-        self.val_scores_: dict[float, float] = {}
-        if x_val is not None and len(x_val) > 0 and len(self.c_grid) > 1:
-            y_val = np.asarray(y_val).astype(str)
-            for c in self.c_grid:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", ConvergenceWarning)
-                    pred = self._model(c).fit(x_train, y_train).predict(x_val)
-                self.val_scores_[c] = classification_metrics(y_val, pred)["macro_f1"]
-            self.c_ = max(self.c_grid, key=lambda c: (self.val_scores_[c], -self.c_grid.index(c)))
-            x_fit, y_fit = np.concatenate([x_train, x_val]), np.concatenate([y_train, y_val])
-        else:
-            self.c_ = 1.0 if 1.0 in self.c_grid or not self.c_grid else self.c_grid[0]
-            x_fit, y_fit = x_train, y_train
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ConvergenceWarning)
-            self.model_ = self._model(self.c_).fit(x_fit, y_fit)
-        return self
-
-    def predict(self, x) -> np.ndarray:
-        """Predicted labels (strings)."""
-        return self.model_.predict(x)
-
-
-# ----------------------------------------------------------------------------------------------
-# scIB integration metrics
-# ----------------------------------------------------------------------------------------------
 def integration_metrics(
     embedding: np.ndarray,
     labels: Sequence,
@@ -383,9 +186,6 @@ def integration_metrics(
     return result
 
 
-# ----------------------------------------------------------------------------------------------
-# gene programs (GRN task)
-# ----------------------------------------------------------------------------------------------
 def cosine_similarity_matrix(vectors: np.ndarray) -> np.ndarray:
     """``(n, n)`` cosine similarity of the rows; zero rows get similarity 0 with everything."""
     vectors = np.asarray(vectors, dtype=np.float64)
@@ -501,3 +301,10 @@ def family_auroc(
             "permutation_p": float((1 + np.sum(null >= observed)) / (1 + len(null))),
         }
     return results
+
+
+__all__ = [
+    "DEFAULT_RESOLUTIONS", "EVAL_INSTALL_HINT", "classification_metrics", "coexpression_profiles",
+    "cosine_similarity_matrix", "family_auroc", "import_eval_dependency", "integration_metrics",
+    "leiden_gene_programs", "majority_vote",
+]
