@@ -344,6 +344,37 @@ def _cmd_perturb(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_gene_embeddings(args: argparse.Namespace) -> int:
+    if args.attention and not args.data:
+        raise PanFoMaUsageError("--attention needs cells: add --data cells.h5ad")
+    layer_choice = args.attention_layer
+    if layer_choice != "mean":
+        try:
+            layer_choice = int(layer_choice)
+        except ValueError:
+            raise PanFoMaUsageError(f"--attention-layer {layer_choice}: give an encoder application number (0-based, "
+                                    "negative from the end, e.g. -1) or 'mean'") from None
+    with tempfile.TemporaryDirectory(prefix="panfoma-input-") as workdir:
+        data = _prepare_input(args.data, "--data", Path(workdir)) if args.data else None
+        if data:
+            _check_layer(data, args.layer)
+        _check_model(args.model, "model", presets_allowed=True)
+        _import_library()
+        from panfoma.inference.gene_embeddings import gene_embeddings_file
+
+        genes = [g.strip() for g in args.genes.split(",") if g.strip()] if args.genes else None
+        paths = gene_embeddings_file(args.model, args.output, data=data, attention_output=args.attention, genes=genes,
+                                     states=args.states, min_cells=args.min_cells,
+                                     attention_genes=args.attention_genes, attention_layer=layer_choice,
+                                     batch_size=args.batch_size, max_genes=args.max_genes, layer=args.layer,
+                                     device=args.device, overwrite=args.overwrite)
+    kind = f"context-aware ({args.states} states averaged per gene)" if args.data else "context-free input"
+    _print(f"wrote {kind} gene embeddings to {paths['genes']}"
+           + (f"; attention gene-gene matrix to {paths['attention']} (counts: {paths['attention_counts']})"
+              if "attention" in paths else ""))
+    return 0
+
+
 def _cmd_push(args: argparse.Namespace) -> int:
     _import_library()
     from panfoma.hub.push import run_push
@@ -405,6 +436,9 @@ _COMMANDS: dict[str, _Command] = {
     "perturb": _Command("in-silico perturbation: delete or overexpress genes, rank them by the embedding shift or the "
                         "move toward a target state", "panfoma.inference.perturb", "add_perturb_arguments",
                         _cmd_perturb),
+    "gene-embeddings": _Command("gene embedding tables (context-free, or context-aware over cells) and the attention "
+                                "gene-gene matrix", "panfoma.inference.gene_embeddings",
+                                "add_gene_embeddings_arguments", _cmd_gene_embeddings),
     "push": _Command("push a model folder (model + processor + card) or a dataset folder to the Hub", "panfoma.hub.push",
                      "add_push_arguments", _cmd_push, compute=False),
 }
