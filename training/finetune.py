@@ -318,12 +318,17 @@ def build_trainer(
     report_to: str | list[str] = "none",
     progress: bool = True,
     logging_steps: int = 10,
+    lora_r: int | None = None,
+    lora_alpha: float | None = None,
+    lora_target_modules: Sequence[str] | None = None,
 ) -> PanFoMaTrainer:
     """The one fine-tuning Trainer set-up (used by `finetune` and by the evaluation's fine-tuned track).
 
     Classification collator (`mlm=False`, `max_genes` per cell, seeded per cell from `idx`), validation macro-F1
     every epoch (or every `eval_steps`, default a quarter of `max_steps`, when `max_steps > 0`), best checkpoint
     by validation macro-F1 restored at the end, optional early stopping, `PanFoMaTrainer`'s parameter groups.
+    `lora_r`: wrap the model in LoRA adapters of that rank (`panfoma.training.lora.apply_lora`: attention and Mamba
+    projections; only the adapters and the classifier head train); the Trainer's model is then the peft model.
     """
     import torch
     from transformers import EarlyStoppingCallback, TrainingArguments
@@ -363,6 +368,10 @@ def build_trainer(
     )
     collator = PanFoMaDataCollator(processor, mlm=False, label_column=label_column, seed=seed, max_genes=max_genes,
                                    return_raw_values=False)
+    if lora_r:
+        from .lora import apply_lora
+
+        model = apply_lora(model, lora_r, alpha=lora_alpha, target_modules=lora_target_modules)
     callbacks = [PanFoMaCollatorEpochCallback(collator)]
     if early_stopping_patience is not None:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=early_stopping_patience))
@@ -397,6 +406,9 @@ def finetune(
     report_to: str | list[str] = "none",
     progress: bool = True,
     logging_steps: int = 10,
+    lora_r: int | None = None,
+    lora_alpha: float | None = None,
+    lora_target_modules: Sequence[str] | None = None,
 ) -> FinetuneResult:
     """Fine-tune a PanFoMa checkpoint (or a random-init preset) as a cell classifier with `transformers.Trainer`.
 
@@ -411,6 +423,9 @@ def finetune(
         head_learning_rate: peak learning rate of the classifier head and input embeddings (None: `learning_rate`).
         max_genes: genes per cell (None: every expressed gene).
         early_stopping_patience: evaluations without improvement before stopping (None: never stop early).
+        lora_r / lora_alpha / lora_target_modules: LoRA fine-tuning (extra `lora`): adapters of rank `lora_r` on the
+            attention and Mamba projections (default targets `panfoma.training.lora.LORA_TARGET_MODULES`), only they
+            and the head train; the adapter is saved in `output_dir/adapter` and the merged model in `output_dir`.
         Others: as in `transformers.TrainingArguments`. Defaults: the `DEFAULT_*` constants of this module.
 
     Returns:
@@ -430,7 +445,7 @@ def finetune(
         per_device_train_batch_size=per_device_train_batch_size, per_device_eval_batch_size=per_device_eval_batch_size,
         gradient_accumulation_steps=gradient_accumulation_steps, early_stopping_patience=early_stopping_patience,
         max_genes=max_genes, seed=seed, bf16=bf16, use_cpu=use_cpu, report_to=report_to, progress=progress,
-        logging_steps=logging_steps,
+        logging_steps=logging_steps, lora_r=lora_r, lora_alpha=lora_alpha, lora_target_modules=lora_target_modules,
     )
     trainer.train()
     validation = trainer.evaluate(splits["validation"], metric_key_prefix="validation")
@@ -444,7 +459,13 @@ def finetune(
                         {"name": "macro_f1", "value": test["macro_f1"], "task": task, "split": "test"}]
     path = str(model_name_or_path)
     base = path if not os.path.isdir(path) and not is_preset_name(path) else None
-    save_pretrained_with_card(trainer.model, processor, output_dir, training_data=dataset, metrics=card_metrics,
+    final_model = trainer.model
+    if lora_r:
+        from .lora import ADAPTER_DIR, merge_lora
+
+        final_model.save_pretrained(Path(output_dir) / ADAPTER_DIR)  # the adapter alone (and the trained head)
+        final_model = merge_lora(final_model)
+    save_pretrained_with_card(final_model, processor, output_dir, training_data=dataset, metrics=card_metrics,
                               base_model=base)
     logger.info("validation: %s; test: %s", _fmt(validation), _fmt(test) if test else "no test split")
     return FinetuneResult(Path(output_dir), validation, test, label_names)
@@ -498,6 +519,13 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     parser.add_argument("--bf16", action="store_true", help="bf16 mixed precision")
     parser.add_argument("--cpu", action="store_true", dest="use_cpu", help="train on the CPU even with a GPU")
     parser.add_argument("--report-to", default="none", help="Trainer loggers (none, tensorboard, ...)")
+    parser.add_argument("--lora-r", type=int, default=None, help="LoRA fine-tuning with adapters of this rank on the "
+                        "attention and Mamba projections (needs peft: pip install 'panfoma[lora]'); only adapters and "
+                        "head train; the adapter goes to OUTPUT_DIR/adapter, the merged model to OUTPUT_DIR "
+                        "(default: full fine-tuning)")
+    parser.add_argument("--lora-alpha", type=float, default=None, help="LoRA scaling numerator (default: 2 x --lora-r)")
+    parser.add_argument("--lora-target-modules", default=None, help="comma-separated Linear module names to adapt "
+                        "(default: qkv,out,in_proj,x_proj,dt_proj,out_proj)")
     return parser
 
 
@@ -510,7 +538,9 @@ def run_finetune(args: argparse.Namespace) -> FinetuneResult:
         per_device_train_batch_size=args.per_device_train_batch_size,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         early_stopping_patience=args.early_stopping_patience, max_genes=args.max_genes, seed=args.seed,
-        bf16=args.bf16, use_cpu=args.use_cpu, report_to=args.report_to,
+        bf16=args.bf16, use_cpu=args.use_cpu, report_to=args.report_to, lora_r=getattr(args, "lora_r", None),
+        lora_alpha=getattr(args, "lora_alpha", None),
+        lora_target_modules=args.lora_target_modules.split(",") if getattr(args, "lora_target_modules", None) else None,
     )
 
 
