@@ -20,7 +20,8 @@ EXPECTED_MACRO_F1 = (1 + 2 / 3 + 2 / 3) / 3
 def test_finetune_evaluate_and_demo_report_the_same_macro_f1():
     from sklearn.metrics import f1_score
 
-    from panfoma.training import demo, evaluation
+    from panfoma.evaluation import tasks as evaluation  # the metric the evaluation tasks call
+    from panfoma.training import demo
     from panfoma.training.finetune import compute_classification_metrics
 
     assert f1_score(Y_TRUE, Y_PRED, average="macro", zero_division=0) == pytest.approx(7 / 12)  # the wrong definition
