@@ -230,13 +230,13 @@ def test_flop_count_matches_torch_flop_counter():
     expected = bench_floor.panfoma_flops(model.config, genes)
     # Which GEMM op runs a projection is an implementation detail (the Mamba mixer uses batched GEMMs with the weight),
     # so compare the total of all matmul ops with the analytic total: projections, attention (QK^T and AV in every
-    # chunk) and the GDS score einsum (2 n d).
+    # chunk), the GDS score einsum (2 n d) and the expression-weighted pooling einsum (2 n d).
     total = sum(counted.get(op, 0) for op in ("aten.mm", "aten.addmm", "aten.bmm", "aten.baddbmm"))
     analytic = (
         expected["encoder_linear"]
         + expected["decoder_linear"]
         + expected["encoder_attention"]
-        + 2 * genes * model.config.hidden_size
+        + 2 * 2 * genes * model.config.hidden_size
     )
     assert total == analytic
 
@@ -312,11 +312,12 @@ def test_fast_causal_conv_equals_conv1d_in_values_and_gradients(length):
     from panfoma.modeling_panfoma import causal_depthwise_conv
 
     generator = torch.Generator().manual_seed(length)
-    xz = torch.randn(2, 10, length, dtype=torch.float64, generator=generator, requires_grad=True)
-    x = xz.chunk(2, dim=1)[0]  # (b, e, l) slice of (b, 2e, l), like the mixer's
+    xz = torch.randn(2, length, 10, dtype=torch.float64, generator=generator, requires_grad=True)
+    x = xz.chunk(2, dim=-1)[0]  # sequence-major (b, l, e) slice of (b, l, 2e), like the mixer's
     weight = torch.randn(5, 1, 4, dtype=torch.float64, generator=generator, requires_grad=True)
     bias = torch.randn(5, dtype=torch.float64, generator=generator, requires_grad=True)
-    expected = torch.nn.functional.conv1d(x, weight, bias, groups=5, padding=3)[..., :length]
+    channels_first = torch.nn.functional.conv1d(x.transpose(1, 2), weight, bias, groups=5, padding=3)[..., :length]
+    expected = channels_first.transpose(1, 2)
     torch.testing.assert_close(causal_depthwise_conv(x, weight, bias), expected)
     assert gradcheck(causal_depthwise_conv, (x, weight, bias))
     assert gradcheck(lambda x, w: causal_depthwise_conv(x, w, None), (x, weight))

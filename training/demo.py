@@ -306,8 +306,8 @@ def run_demo(output_dir: str | os.PathLike = "panfoma-demo", *, size: str = "def
     # below sees exactly the cells the classifier saw.
     splits, label_names = prepare_splits(_load_dataset_dict(dataset_dir), "cell_type", split_by, seed=seed)
     result = finetune(pretrained, dataset_dir, model_dir, label_column="cell_type", split_by=split_by,
-                      num_train_epochs=plan.finetune_epochs, max_steps=plan.finetune_max_steps, learning_rate=1e-3,
-                      per_device_train_batch_size=plan.batch_size, early_stopping_patience=3, seed=seed,
+                      num_train_epochs=plan.finetune_epochs, max_steps=plan.finetune_max_steps,
+                      per_device_train_batch_size=plan.batch_size, seed=seed,  # the package's recipe otherwise
                       progress=progress, logging_steps=10)
     timings["finetune"] = time.perf_counter() - clock
 

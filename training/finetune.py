@@ -68,10 +68,13 @@ UNKNOWN_LABEL = "unknown"
 
 # The fine-tuning recipe: change a default here and `finetune()`, `panfoma finetune` and the evaluation's
 # fine-tuned track (`evaluation.model_finetune_fn`) all follow.
+# Measured in benchmarks/finetune_recipe.py (README "Fine-tuning recipe"): the input embeddings (gene vectors and
+# the per-bin gains) carry most of what a classifier needs and adapt fast at a high learning rate, the deep
+# backbone needs a lower one; early stopping on validation macro-F1 ends the run once it stops improving.
 #: Peak AdamW learning rate of the backbone (encoder, decoder, their norms).
-DEFAULT_LEARNING_RATE = 1e-4
+DEFAULT_LEARNING_RATE = 3e-4
 #: Peak learning rate of the classifier head and the input embeddings; None = `learning_rate` for everything.
-DEFAULT_HEAD_LEARNING_RATE: float | None = None
+DEFAULT_HEAD_LEARNING_RATE: float | None = 3e-3
 DEFAULT_WEIGHT_DECAY = 0.01
 #: Fraction of the optimiser steps spent in linear warmup.
 DEFAULT_WARMUP_RATIO = 0.1
@@ -80,8 +83,24 @@ DEFAULT_TRAIN_BATCH_SIZE = 16
 DEFAULT_EVAL_BATCH_SIZE = 32
 #: Evaluations without a better validation macro-F1 before training stops (None: no early stopping).
 DEFAULT_EARLY_STOPPING_PATIENCE: int | None = 3
-#: Genes per cell while fine-tuning; None = every expressed gene.
-DEFAULT_MAX_GENES: int | None = None
+#: Genes per cell while fine-tuning (the most expressed, deterministic); None = every expressed gene. A cap keeps a
+#: training step's cost bounded on cells with thousands of detected genes (plate-based protocols).
+DEFAULT_MAX_GENES: int | None = 1024
+#: Mixed precision: "auto" = bf16 autocast where the device multiplies bf16 natively (CUDA with bf16; CPUs with
+#: AVX512-BF16 / AMX / Arm BF16), else fp32; or "bf16" / "fp32".
+DEFAULT_PRECISION = "auto"
+
+
+def _use_bf16(bf16: bool | None, use_cpu: bool) -> bool:
+    """`bf16` as given, or (None) `DEFAULT_PRECISION` resolved for the device Trainer will use."""
+    if bf16 is not None:
+        return bool(bf16)
+    import torch
+
+    from panfoma.training.embed import resolve_precision
+
+    device = "cpu" if use_cpu or not torch.cuda.is_available() else "cuda"
+    return resolve_precision(DEFAULT_PRECISION, device) == "bf16"
 
 
 def compute_classification_metrics(eval_pred) -> dict[str, float]:
@@ -313,7 +332,7 @@ def build_trainer(
     early_stopping_patience: int | None = DEFAULT_EARLY_STOPPING_PATIENCE,
     max_genes: int | None = DEFAULT_MAX_GENES,
     seed: int = 0,
-    bf16: bool = False,
+    bf16: bool | None = None,
     use_cpu: bool = False,
     report_to: str | list[str] = "none",
     progress: bool = True,
@@ -359,7 +378,7 @@ def build_trainer(
         remove_unused_columns=False,  # the collator reads gene_ids/counts, which forward() does not take
         logging_steps=logging_steps,
         seed=seed,
-        bf16=bf16,
+        bf16=_use_bf16(bf16, use_cpu),
         use_cpu=use_cpu,
         report_to=report_to,
         disable_tqdm=not progress,
@@ -401,7 +420,7 @@ def finetune(
     early_stopping_patience: int | None = DEFAULT_EARLY_STOPPING_PATIENCE,
     max_genes: int | None = DEFAULT_MAX_GENES,
     seed: int = 0,
-    bf16: bool = False,
+    bf16: bool | None = None,
     use_cpu: bool = False,
     report_to: str | list[str] = "none",
     progress: bool = True,
@@ -516,7 +535,9 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
                         help="genes per cell (default: " + ("every expressed gene" if DEFAULT_MAX_GENES is None
                                                             else str(DEFAULT_MAX_GENES)) + ")")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--bf16", action="store_true", help="bf16 mixed precision")
+    parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default=DEFAULT_PRECISION,
+                        help="mixed precision: auto = bf16 autocast where the device has native bf16, else fp32 "
+                        f"(default {DEFAULT_PRECISION})")
     parser.add_argument("--cpu", action="store_true", dest="use_cpu", help="train on the CPU even with a GPU")
     parser.add_argument("--report-to", default="none", help="Trainer loggers (none, tensorboard, ...)")
     parser.add_argument("--lora-r", type=int, default=None, help="LoRA fine-tuning with adapters of this rank on the "
@@ -538,7 +559,8 @@ def run_finetune(args: argparse.Namespace) -> FinetuneResult:
         per_device_train_batch_size=args.per_device_train_batch_size,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         early_stopping_patience=args.early_stopping_patience, max_genes=args.max_genes, seed=args.seed,
-        bf16=args.bf16, use_cpu=args.use_cpu, report_to=args.report_to, lora_r=getattr(args, "lora_r", None),
+        bf16=None if args.precision == "auto" else args.precision == "bf16", use_cpu=args.use_cpu,
+        report_to=args.report_to, lora_r=getattr(args, "lora_r", None),
         lora_alpha=getattr(args, "lora_alpha", None),
         lora_target_modules=args.lora_target_modules.split(",") if getattr(args, "lora_target_modules", None) else None,
     )
