@@ -67,7 +67,7 @@ def baseline(adata, train, val, test, seed: int) -> dict:
     return classification_metrics(y[test], probe.predict(pca.transform(adata[test])))
 
 
-def finetuned(adata, train, val, test, seed: int, work: Path, model: str) -> tuple[dict, float, dict]:
+def finetuned(adata, train, val, test, seed: int, work: Path, model: str, **overrides) -> tuple[dict, float, dict]:
     """Fine-tune `model` (a preset = random init) with the package recipe; test metrics, CPU seconds, details."""
     import datasets
 
@@ -88,7 +88,7 @@ def finetuned(adata, train, val, test, seed: int, work: Path, model: str) -> tup
     out = work / f"seed{seed}"
     cpu0, wall0 = time.process_time(), time.perf_counter()
     trainer = recipe.build_trainer(classifier, processor, rows(train), rows(val), out, label_column="label", seed=seed,
-                                   use_cpu=True, progress=False)
+                                   use_cpu=True, progress=False, **overrides)
     trainer.train()
     cpu_s, wall_s = time.process_time() - cpu0, time.perf_counter() - wall0
     trainer.compute_metrics = None
@@ -113,6 +113,8 @@ def main(argv=None) -> int:
     parser.add_argument("--task", choices=TASKS, required=True)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--model", default="panfoma-small", help="preset (random init) or model folder")
+    parser.add_argument("--epochs", type=float, default=None, help="override DEFAULT_NUM_TRAIN_EPOCHS")
+    parser.add_argument("--max-genes", type=int, default=None, help="override DEFAULT_MAX_GENES")
     parser.add_argument("--data-dir", type=Path, default=REPO.parent / "shared" / "data")
     parser.add_argument("--work-dir", type=Path, default=REPO / "runs" / "finetune-recipe")
     parser.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results" / "finetune_recipe.jsonl")
@@ -125,13 +127,14 @@ def main(argv=None) -> int:
     for seed in args.seeds:
         adata, train, val, test = load_task(args.data_dir, args.task, seed)
         base = baseline(adata, train, val, test, seed)
-        model_metrics, _, details = finetuned(adata, train, val, test, seed, args.work_dir, args.model)
+        overrides = {k: v for k, v in (("num_train_epochs", args.epochs), ("max_genes", args.max_genes)) if v}
+        model_metrics, _, details = finetuned(adata, train, val, test, seed, args.work_dir, args.model, **overrides)
         record = {
             "task": args.task, "seed": seed, "model": args.model, "date": time.strftime("%Y-%m-%d %H:%M %Z"),
             "threads": torch.get_num_threads(), "cells": {"train": len(train), "validation": len(val), "test": len(test)},
             "panfoma_finetuned": model_metrics, "baseline_pca_hvg": base, **details,
             "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 2),
-            "recipe": recipe_settings(),
+            "recipe": recipe_settings(), "overrides": overrides,
         }
         with open(args.results, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(record, default=str) + "\n")

@@ -286,7 +286,7 @@ def plot(summary: dict, path: Path) -> None:
         ax.set_ylabel("held-out probe macro-F1")
     np.atleast_1d(axes)[0].legend(fontsize=7)
     fig.suptitle(f"PanFoMa width {summary['model_overrides']['hidden_size']}, {summary['steps']} steps, "
-                 f"{summary['train_seconds'] / 60:.0f} CPU min", fontsize=9)
+                 f"{summary['train_seconds'] / 60:.0f} min of training (wall clock, 2 threads)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
