@@ -273,11 +273,12 @@ def plot(summary: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     tasks = list(summary["baseline_pca_hvg"])
-    steps = sorted(int(s) for s in summary["curve"])
+    curve = {int(step): scores for step, scores in summary["curve"].items()}  # JSON keys are strings
+    steps = sorted(curve)
     fig, axes = plt.subplots(1, len(tasks), figsize=(4 * len(tasks), 3.2))
     for ax, task in zip(np.atleast_1d(axes), tasks):
-        means = [summary["curve"][s][task]["macro_f1"]["mean"] for s in steps]
-        sds = [summary["curve"][s][task]["macro_f1"]["sd"] for s in steps]
+        means = [curve[s][task]["macro_f1"]["mean"] for s in steps]
+        sds = [curve[s][task]["macro_f1"]["sd"] for s in steps]
         pct = [100 * s / summary["steps"] for s in steps]
         ax.errorbar(pct, means, yerr=sds, marker="o", label="PanFoMa (0% = random init)")
         ax.axhline(summary["baseline_pca_hvg"][task]["macro_f1"]["mean"], ls="--", color="grey", label="PCA + LR")
