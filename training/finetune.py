@@ -68,9 +68,12 @@ UNKNOWN_LABEL = "unknown"
 
 # The fine-tuning recipe: change a default here and `finetune()`, `panfoma finetune` and the evaluation's
 # fine-tuned track (`evaluation.model_finetune_fn`) all follow.
-# Measured in benchmarks/finetune_recipe.py (README "Fine-tuning recipe"): the input embeddings (gene vectors and
-# the per-bin gains) carry most of what a classifier needs and adapt fast at a high learning rate, the deep
-# backbone needs a lower one; early stopping on validation macro-F1 ends the run once it stops improving.
+# Measured in benchmarks/finetune_recipe.py (README "Fine-tuning recipe"; random-init panfoma-small, 2 CPU threads):
+# the head is first fitted alone on frozen cell embeddings (linear probing, then fine-tuning), then 3 epochs
+# end-to-end with a high learning rate for the input embeddings (gene vectors, per-bin gains) and head and a lower
+# one for the deep backbone, on the 256 most expressed genes of each cell, in bf16 where native. PBMC68k seed 0:
+# macro-F1 0.641 vs PCA + LR 0.607 in 7.2 min; without the head warm start 0.335. CellBench CEL-seq2 (500 cells)
+# -> Drop-seq: 0.975 vs 0.944 in 9.8 min.
 #: Peak AdamW learning rate of the backbone (encoder, decoder, their norms).
 DEFAULT_LEARNING_RATE = 3e-4
 #: Peak learning rate of the classifier head and the input embeddings; None = `learning_rate` for everything.
@@ -78,14 +81,19 @@ DEFAULT_HEAD_LEARNING_RATE: float | None = 3e-3
 DEFAULT_WEIGHT_DECAY = 0.01
 #: Fraction of the optimiser steps spent in linear warmup.
 DEFAULT_WARMUP_RATIO = 0.1
-DEFAULT_NUM_TRAIN_EPOCHS = 10.0
+DEFAULT_NUM_TRAIN_EPOCHS = 3.0
 DEFAULT_TRAIN_BATCH_SIZE = 16
 DEFAULT_EVAL_BATCH_SIZE = 32
 #: Evaluations without a better validation macro-F1 before training stops (None: no early stopping).
 DEFAULT_EARLY_STOPPING_PATIENCE: int | None = 3
+#: Full-batch steps that fit the classifier head alone on the frozen cell embeddings before end-to-end fine-tuning
+#: (linear probing then fine-tuning); 0 = start from a random head.
+DEFAULT_HEAD_WARMUP_STEPS = 300
+#: AdamW learning rate of that head-only phase.
+HEAD_WARMUP_LEARNING_RATE = 1e-3
 #: Genes per cell while fine-tuning (the most expressed, deterministic); None = every expressed gene. A cap keeps a
 #: training step's cost bounded on cells with thousands of detected genes (plate-based protocols).
-DEFAULT_MAX_GENES: int | None = 1024
+DEFAULT_MAX_GENES: int | None = 256
 #: Mixed precision: "auto" = bf16 autocast where the device multiplies bf16 natively (CUDA with bf16; CPUs with
 #: AVX512-BF16 / AMX / Arm BF16), else fp32; or "bf16" / "fp32".
 DEFAULT_PRECISION = "auto"
@@ -293,9 +301,59 @@ class PanFoMaTrainer(Trainer):
         Others: as `transformers.Trainer`.
     """
 
-    def __init__(self, *args: Any, head_learning_rate: float | None = None, **kwargs: Any):
+    def __init__(self, *args: Any, head_learning_rate: float | None = None, head_warmup_steps: int = 0,
+                 **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.head_learning_rate = head_learning_rate
+        self.head_warmup_steps = int(head_warmup_steps)
+
+    def train(self, resume_from_checkpoint=None, **kwargs):
+        """`Trainer.train`, after fitting the classifier head alone on the frozen cell embeddings of the training
+        cells (`head_warmup_steps` full-batch AdamW steps; skipped when resuming or when 0)."""
+        if self.head_warmup_steps > 0 and not resume_from_checkpoint:
+            self.warm_start_head()
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    def warm_start_head(self) -> float | None:
+        """Linear-probe-then-fine-tune: embed the training cells once with the frozen backbone (no gradients, the
+        Trainer's precision), then train `model.classifier` alone on those embeddings. End-to-end fine-tuning then
+        starts from a head that already separates the classes instead of a random one, which the backbone's first
+        epochs would otherwise spend gradients on. Returns the head's final training loss (None if not applicable:
+        no `classifier`, or a problem type other than single-label classification)."""
+        import torch
+        import torch.nn.functional as F
+
+        model = self.model
+        base = getattr(model, "get_base_model", lambda: model)()  # a peft-wrapped model exposes its base model
+        if not hasattr(base, "classifier") or not hasattr(base, "panfoma") or base.num_labels < 2 or (
+                base.config.problem_type not in (None, "single_label_classification")):
+            return None
+        was_training = model.training
+        model.eval()
+        features, labels = [], []
+        autocast = torch.autocast(self.args.device.type, dtype=torch.bfloat16, enabled=bool(self.args.bf16))
+        with torch.no_grad(), autocast:
+            for batch in self.get_train_dataloader():
+                batch = self._prepare_inputs(batch)
+                out = base.panfoma(input_ids=batch["input_ids"], values=batch["values"],
+                                   attention_mask=batch["attention_mask"])
+                features.append(out.pooler_output.float())
+                labels.append(batch["labels"])
+        x, y = torch.cat(features), torch.cat(labels)
+        keep = y != -100
+        x, y = x[keep], y[keep]
+        head = base.classifier.train()
+        optimizer = torch.optim.AdamW(head.parameters(), lr=HEAD_WARMUP_LEARNING_RATE, weight_decay=0.01)
+        loss = None
+        for _ in range(self.head_warmup_steps):
+            loss = F.cross_entropy(head(x.to(next(head.parameters()).dtype)).float(), y)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        model.train(was_training)
+        logger.info("classifier head warm-started on %d frozen cell embeddings: %d steps, loss %.4f", len(y),
+                    self.head_warmup_steps, float(loss))
+        return float(loss)
 
     def create_optimizer(self, model=None):
         """The optimiser, with `optim.parameter_groups` (see class docstring); built once."""
@@ -330,6 +388,7 @@ def build_trainer(
     per_device_eval_batch_size: int = DEFAULT_EVAL_BATCH_SIZE,
     gradient_accumulation_steps: int = 1,
     early_stopping_patience: int | None = DEFAULT_EARLY_STOPPING_PATIENCE,
+    head_warmup_steps: int = DEFAULT_HEAD_WARMUP_STEPS,
     max_genes: int | None = DEFAULT_MAX_GENES,
     seed: int = 0,
     bf16: bool | None = None,
@@ -379,7 +438,7 @@ def build_trainer(
         logging_steps=logging_steps,
         seed=seed,
         bf16=_use_bf16(bf16, use_cpu),
-        use_cpu=use_cpu,
+        use_cpu=use_cpu or not torch.cuda.is_available(),  # Trainer accepts CPU bf16 only with use_cpu set
         report_to=report_to,
         disable_tqdm=not progress,
         save_only_model=True,
@@ -397,7 +456,7 @@ def build_trainer(
     return PanFoMaTrainer(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                           data_collator=collator, processing_class=processor,
                           compute_metrics=compute_classification_metrics, callbacks=callbacks,
-                          head_learning_rate=head_learning_rate)
+                          head_learning_rate=head_learning_rate, head_warmup_steps=head_warmup_steps)
 
 
 def finetune(
@@ -418,6 +477,7 @@ def finetune(
     per_device_eval_batch_size: int = DEFAULT_EVAL_BATCH_SIZE,
     gradient_accumulation_steps: int = 1,
     early_stopping_patience: int | None = DEFAULT_EARLY_STOPPING_PATIENCE,
+    head_warmup_steps: int = DEFAULT_HEAD_WARMUP_STEPS,
     max_genes: int | None = DEFAULT_MAX_GENES,
     seed: int = 0,
     bf16: bool | None = None,
@@ -463,7 +523,7 @@ def finetune(
         head_learning_rate=head_learning_rate, weight_decay=weight_decay, warmup_ratio=warmup_ratio,
         per_device_train_batch_size=per_device_train_batch_size, per_device_eval_batch_size=per_device_eval_batch_size,
         gradient_accumulation_steps=gradient_accumulation_steps, early_stopping_patience=early_stopping_patience,
-        max_genes=max_genes, seed=seed, bf16=bf16, use_cpu=use_cpu, report_to=report_to, progress=progress,
+        head_warmup_steps=head_warmup_steps, max_genes=max_genes, seed=seed, bf16=bf16, use_cpu=use_cpu, report_to=report_to, progress=progress,
         logging_steps=logging_steps, lora_r=lora_r, lora_alpha=lora_alpha, lora_target_modules=lora_target_modules,
     )
     trainer.train()
@@ -531,6 +591,9 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     parser.add_argument("--batch-size", type=int, default=DEFAULT_TRAIN_BATCH_SIZE, dest="per_device_train_batch_size")
     parser.add_argument("--gradient-accumulation-steps", type=int, default=1)
     parser.add_argument("--early-stopping-patience", type=int, default=DEFAULT_EARLY_STOPPING_PATIENCE)
+    parser.add_argument("--head-warmup-steps", type=int, default=DEFAULT_HEAD_WARMUP_STEPS,
+                        help="steps that fit the classifier head alone on frozen cell embeddings before end-to-end "
+                        f"fine-tuning; 0 = random head (default {DEFAULT_HEAD_WARMUP_STEPS})")
     parser.add_argument("--max-genes", type=int, default=DEFAULT_MAX_GENES,
                         help="genes per cell (default: " + ("every expressed gene" if DEFAULT_MAX_GENES is None
                                                             else str(DEFAULT_MAX_GENES)) + ")")
@@ -558,7 +621,8 @@ def run_finetune(args: argparse.Namespace) -> FinetuneResult:
         learning_rate=args.learning_rate, head_learning_rate=args.head_learning_rate, weight_decay=args.weight_decay,
         per_device_train_batch_size=args.per_device_train_batch_size,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
-        early_stopping_patience=args.early_stopping_patience, max_genes=args.max_genes, seed=args.seed,
+        early_stopping_patience=args.early_stopping_patience, head_warmup_steps=args.head_warmup_steps,
+        max_genes=args.max_genes, seed=args.seed,
         bf16=None if args.precision == "auto" else args.precision == "bf16", use_cpu=args.use_cpu,
         report_to=args.report_to, lora_r=getattr(args, "lora_r", None),
         lora_alpha=getattr(args, "lora_alpha", None),
