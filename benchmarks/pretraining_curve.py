@@ -3,7 +3,7 @@ control and the PCA baseline.
 
 Usage (from the repository root; the time budget is set by --steps, see the README for the committed run):
 
-    OMP_NUM_THREADS=2 HF_HUB_OFFLINE=1 python benchmarks/pretraining_curve.py [--steps 600] [--overwrite]
+    OMP_NUM_THREADS=2 HF_HUB_OFFLINE=1 python benchmarks/pretraining_curve.py [--steps 300] [--overwrite]
 
 1. Corpus: every real file of ../shared/data EXCEPT the held-out ones: PBMC68k, the oligodendroglioma study and the
    CellBench Drop-seq cells (the CellBench CEL-seq2 cells stay in the corpus, without labels; pretraining never
@@ -168,7 +168,7 @@ def main(argv=None) -> int:
     parser.add_argument("--data-dir", type=Path, default=REPO.parent / "shared" / "data")
     parser.add_argument("--output-dir", type=Path, default=REPO / "runs" / "pretraining-curve")
     parser.add_argument("--results-dir", type=Path, default=REPO / "benchmarks" / "results")
-    parser.add_argument("--steps", type=int, default=600, help="optimiser steps of 16 cells (default %(default)s)")
+    parser.add_argument("--steps", type=int, default=300, help="optimiser steps of 16 cells (default %(default)s)")
     parser.add_argument("--max-genes", type=int, default=1024,
                         help="top-expressed genes per held-out cell when embedding (default %(default)s)")
     parser.add_argument("--overwrite", action="store_true", help="rebuild the corpus and retrain")
@@ -183,7 +183,7 @@ def main(argv=None) -> int:
     import torch
     from safetensors.torch import load_file
 
-    from panfoma import PanFoMaForPreTraining, PanFoMaModel
+    from panfoma import PanFoMaForPreTraining
     from panfoma.tokenization import PanFoMaGeneProcessor
     from panfoma.training.bench import PanFoMaBenchQCConfig, build_bench
     from panfoma.training.pretrain import load_pretraining_config, pretrain, read_metrics
