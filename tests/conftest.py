@@ -31,3 +31,14 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """Each test starts without Accelerate's process-wide state: a Trainer that ran in bf16 (the fine-tuning default
+    on CPUs with native bf16) would otherwise make a later `Accelerator(mixed_precision="no")` in the same pytest
+    process refuse to start. A real command runs one configuration per process, so this is test isolation only."""
+    yield
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
