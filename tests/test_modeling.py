@@ -25,6 +25,7 @@ from panfoma import (
     PanFoMaForPreTraining,
     PanFoMaModel,
 )
+from training_helpers import CONTRACT_CONFIG
 from panfoma.modeling_panfoma import (
     PanFoMaBiMambaLayer,
     compute_chunk_layout,
@@ -37,21 +38,7 @@ class PanFoMaModelTester:
     """A tiny config and matching random inputs for contract tests."""
 
     def __init__(self, **overrides):
-        settings = dict(
-            vocab_size=60,
-            n_bins=11,
-            hidden_size=32,
-            num_attention_heads=4,
-            intermediate_size=64,
-            num_encoder_layers=2,
-            num_mamba_layers=2,
-            gene_chunk_size=8,
-            state_size=4,
-            expand=2,
-            hidden_dropout_prob=0.0,
-            classifier_dropout=0.0,
-            mamba_implementation="torch",
-        )
+        settings = dict(CONTRACT_CONFIG, mamba_implementation="torch")
         settings.update(overrides)
         self.config = PanFoMaConfig(**settings)
 

@@ -13,27 +13,13 @@ from torch import nn
 
 from panfoma import PanFoMaConfig, PanFoMaForCellClassification, PanFoMaModel
 from panfoma.modeling_panfoma import PanFoMaMambaMixer
+from training_helpers import CONTRACT_CONFIG
 
 PROJECTIONS = ("in_proj", "x_proj", "dt_proj", "out_proj")
 
 
 def tiny_config(**overrides) -> PanFoMaConfig:
-    settings = dict(
-        vocab_size=60,
-        n_bins=11,
-        hidden_size=32,
-        num_attention_heads=4,
-        intermediate_size=64,
-        num_encoder_layers=2,
-        num_mamba_layers=2,
-        gene_chunk_size=8,
-        state_size=4,
-        expand=2,
-        hidden_dropout_prob=0.0,
-        classifier_dropout=0.0,
-    )
-    settings.update(overrides)
-    return PanFoMaConfig(**settings)
+    return PanFoMaConfig(**{**CONTRACT_CONFIG, **overrides})
 
 
 def cells(config: PanFoMaConfig, batch: int = 8, genes: int = 20, seed: int = 0) -> dict:

@@ -6,6 +6,11 @@ from pathlib import Path
 
 import numpy as np
 
+#: The tiny PanFoMaConfig of the model contract tests (test_modeling, test_modules): 3 chunks of 8 genes at 24 genes.
+CONTRACT_CONFIG = dict(vocab_size=60, n_bins=11, hidden_size=32, num_attention_heads=4, intermediate_size=64,
+                       num_encoder_layers=2, num_mamba_layers=2, gene_chunk_size=8, state_size=4, expand=2,
+                       hidden_dropout_prob=0.0, classifier_dropout=0.0)
+
 TINY_MODEL = dict(hidden_size=32, num_attention_heads=2, intermediate_size=64, state_size=4, num_encoder_layers=2,
                   num_mamba_layers=2, gene_chunk_size=32)
 CELL_TYPES = ["B cell", "T cell", "malignant"]
