@@ -157,7 +157,7 @@ def baseline_features(adata) -> np.ndarray:
 
 
 def embed(model, processor, adata, max_genes: int) -> np.ndarray:
-    from panfoma.training.embed import embed_adata
+    from panfoma.inference.embed import embed_adata
 
     return embed_adata(model, processor, adata, batch_size=32, max_genes=max_genes, progress=False)
 

@@ -27,12 +27,12 @@ def model_embed_fn(model_name_or_path: str, batch_size: int = 64, device: str | 
                    random_init: bool = False, max_genes: int | None = None) -> tuple[EmbedFn, Callable]:
     """``embed_fn`` and ``gene_fn(gene_names) -> (embeddings, symbols)`` backed by a PanFoMa checkpoint.
 
-    Uses ``panfoma.training.embed`` (``load_model_and_processor``, ``embed_adata``, ``gene_embeddings``), so every
+    Uses ``panfoma.inference.embed`` (``load_model_and_processor``, ``embed_adata``, ``gene_embeddings``), so every
     expressed gene of each cell is used unless ``max_genes`` caps it. ``model_name_or_path`` may be a preset name
     (``"panfoma-small"``: a randomly initialised model with the default processor). ``random_init=True`` gives the
     random-init control: the checkpoint's config and processor with freshly initialised weights (seed 0).
     """
-    from panfoma.training import embed as embed_module
+    from panfoma.inference import embed as embed_module
 
     model, processor = embed_module.load_model_and_processor(model_name_or_path, device=device,
                                                              random_init=random_init)
@@ -109,7 +109,7 @@ def model_finetune_fn(
 
         import datasets
 
-        from panfoma.training.embed import resolve_device
+        from panfoma.inference.embed import resolve_device
         from panfoma.training.finetune import DEFAULT_EARLY_STOPPING_PATIENCE, build_trainer, load_classifier
 
         names = sorted(set(usable_labels(train_adata.obs[label_key], label_key)))
@@ -190,7 +190,7 @@ def model_tracks(
         >>> evaluate_annotation(adata, tracks.embed_fn, random_init_embed_fn=tracks.random_init_embed_fn,
         ...                     finetune_fn=tracks.finetune_fn)  # doctest: +SKIP
     """
-    from panfoma.training.embed import is_preset_name
+    from panfoma.inference.embed import is_preset_name
 
     preset = is_preset_name(model_name_or_path)
     embed_fn, gene_fn = model_embed_fn(model_name_or_path, batch_size, device)

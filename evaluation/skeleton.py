@@ -37,7 +37,7 @@ def _resolve_embedding(adata, embed_fn: EmbedFn | None, embedding_key: str | Non
         if embedding_key not in adata.obsm:
             raise ValueError(
                 f"{what}: adata.obsm has no '{embedding_key}' (available: {list(adata.obsm.keys())}). "
-                "Compute the embedding first (e.g. panfoma.training.embed.embed_adata) or pass embed_fn."
+                "Compute the embedding first (e.g. panfoma.inference.embed.embed_adata) or pass embed_fn."
             )
         embedding = adata.obsm[embedding_key]
     elif embed_fn is not None:

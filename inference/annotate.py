@@ -141,7 +141,7 @@ def _vote(neighbor_labels: np.ndarray, classes: np.ndarray) -> np.ndarray:
 
 # ------------------------------------------------------------------------------------------------ routes
 def _model_embedding_fn(model: Any, processor: Any, **embed_kwargs: Any) -> EmbeddingFn:
-    from panfoma.training.embed import embed_adata
+    from panfoma.inference.embed import embed_adata
 
     if processor is None:
         raise ValueError("pass the processor saved with the model (or a model folder / preset name as model=).")
@@ -155,7 +155,7 @@ def _classifier_probabilities(classifier: Any, adata: Any, *, batch_size: int, m
     from tqdm.auto import tqdm
 
     from panfoma import PanFoMaForCellClassification
-    from panfoma.training.embed import config_and_processor, resolve_device
+    from panfoma.inference.embed import config_and_processor, resolve_device
 
     config, processor = config_and_processor(classifier)
     if "PanFoMaForCellClassification" not in (getattr(config, "architectures", None) or []):
@@ -256,7 +256,7 @@ def transfer_labels(
             if model is None:
                 raise ValueError("pass a model (CLI: --model MODEL) or an embedding_fn.")
             if isinstance(model, (str, os.PathLike)):
-                from panfoma.training.embed import load_model_and_processor
+                from panfoma.inference.embed import load_model_and_processor
 
                 model, loaded = load_model_and_processor(model, device=device)
                 processor = processor or loaded

@@ -62,7 +62,7 @@ def input_gene_embeddings(model: Any, processor: Any, genes: Sequence[str] | Non
         >>> input_gene_embeddings(model, processor, ["CD3E", "ACTB"]).shape
         (2, 64)
     """
-    from panfoma.training.embed import gene_embeddings
+    from panfoma.inference.embed import gene_embeddings
 
     rows, names = gene_embeddings(model, processor, genes)
     return _frame(rows, names)
@@ -77,7 +77,7 @@ def _token_lookup(processor: Any, genes: Sequence[str]) -> np.ndarray:
 
 
 def _prepare(model: Any, processor: Any, device: Any):
-    from panfoma.training.embed import _backbone, resolve_device
+    from panfoma.inference.embed import _backbone, resolve_device
 
     processor.check_model_config(model.config)
     backbone = _backbone(model)
@@ -247,7 +247,7 @@ def gene_embeddings_file(model_name_or_path: str, output: str | os.PathLike, *, 
                          overwrite: bool = False) -> dict[str, Path]:
     """The command's work: context-free (no `data`) or context-aware (`data`) gene table to `output`, and the
     attention matrix to `attention_output` (its counts beside it, `<stem>.counts<suffix>`). Returns the paths."""
-    from panfoma.training.embed import load_model_and_processor
+    from panfoma.inference.embed import load_model_and_processor
 
     output = Path(output)
     paths = {"genes": output}

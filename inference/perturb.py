@@ -58,7 +58,7 @@ def _cosine_distance(a, b):
 
 
 def _default_forward(model: Any) -> ForwardFn:
-    from panfoma.training.embed import _backbone
+    from panfoma.inference.embed import _backbone
 
     backbone = _backbone(model)
     return lambda **inputs: backbone(**inputs, return_dict=True).pooler_output
@@ -187,7 +187,7 @@ def perturb_genes(
 
     target_device = None
     if forward_fn is None:
-        from panfoma.training.embed import _backbone, resolve_device
+        from panfoma.inference.embed import _backbone, resolve_device
 
         processor.check_model_config(model.config)
         backbone = _backbone(model)
@@ -295,7 +295,7 @@ def perturb_file(model_name_or_path: str, input_h5ad: str | os.PathLike, output:
     `cell_shifts_path` when given."""
     import anndata as ad
 
-    from panfoma.training.embed import load_model_and_processor
+    from panfoma.inference.embed import load_model_and_processor
 
     targets = [Path(output)] + ([Path(cell_shifts_path)] if cell_shifts_path else [])
     for path in targets:

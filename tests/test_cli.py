@@ -77,7 +77,7 @@ def test_embed_precision_options(tmp_path, capsys):
     import anndata as ad
     import numpy as np
 
-    from panfoma.training.embed import PRECISIONS, embed_adata, load_model_and_processor
+    from panfoma.inference.embed import PRECISIONS, embed_adata, load_model_and_processor
 
     model_dir = save_tiny_pretrained(tmp_path / "model")
     adata = _small_h5ad(tmp_path / "cells.h5ad")

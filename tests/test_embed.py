@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from panfoma.training.embed import embed_adata, embed_file, gene_embeddings, load_model_and_processor
+from panfoma.inference.embed import embed_adata, embed_file, gene_embeddings, load_model_and_processor
 from training_helpers import save_tiny_pretrained
 
 GENES = ["CD3E", "CD19", "MS4A1", "LYZ", "NKG7", "GNLY", "ACTB", "GAPDH", "MALAT1", "CD14", "FCGR3A", "PPBP",
@@ -176,7 +176,7 @@ def test_fp32_is_exactly_the_plain_float32_forward(model_64, pbmc_cells):
 
 @pytest.mark.parametrize("native", [True, False])
 def test_auto_follows_the_cpu_bf16_check(model_dir, cells, monkeypatch, native):
-    import panfoma.training.embed as embed_module
+    import panfoma.inference.embed as embed_module
 
     monkeypatch.setattr(embed_module, "cpu_has_native_bf16", lambda: native)
     expected = "bf16" if native else "fp32"
@@ -198,7 +198,7 @@ def test_auto_follows_the_cpu_bf16_check(model_dir, cells, monkeypatch, native):
 def test_cpu_bf16_check_reads_the_native_bf16_flags(monkeypatch, flags, native):
     import torch
 
-    from panfoma.training.embed import cpu_has_native_bf16
+    from panfoma.inference.embed import cpu_has_native_bf16
 
     if not hasattr(torch.cpu, "get_capabilities"):
         pytest.skip("this torch has no torch.cpu.get_capabilities (auto then always picks fp32 on CPUs)")

@@ -367,7 +367,7 @@ def test_annotation_with_a_real_panfoma_checkpoint(tmp_path):
     """A real (tiny, untrained) PanFoMa checkpoint, saved and loaded as a user would, runs the annotation task."""
     from training_helpers import save_tiny_pretrained
 
-    from panfoma.training.embed import embed_adata, load_model_and_processor
+    from panfoma.inference.embed import embed_adata, load_model_and_processor
 
     pbmc = _subset(ad.read_h5ad(need_data("pbmc", "pbmc68k_reduced_counts.h5ad")), 150)
     # Keep classes with enough cells for stratified test/validation splits of 150 cells.

@@ -64,7 +64,7 @@ def test_knn_bookkeeping_with_a_tiny_model(cellbench, tiny_model):
     for cell in report.uncertain_cells:
         assert cell["first_share"] < 0.6 and cell["first_share"] >= cell["second_share"]
     # The embedding is the model's pooler_output through the package's embed function.
-    from panfoma.training.embed import embed_adata, load_model_and_processor
+    from panfoma.inference.embed import embed_adata, load_model_and_processor
 
     model, processor = load_model_and_processor(str(tiny_model), device="cpu")
     embeddings = {id(a): embed_adata(model, processor, a, max_genes=128, precision="fp32", progress=False)

@@ -24,7 +24,7 @@ def pbmc(shared_data):
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from panfoma.training.embed import load_model_and_processor
+    from panfoma.inference.embed import load_model_and_processor
 
     folder = save_tiny_pretrained(tmp_path_factory.mktemp("tiny"))
     model, processor = load_model_and_processor(folder, device="cpu")

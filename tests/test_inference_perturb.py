@@ -67,7 +67,7 @@ def test_planted_gene_ranks_first(pbmc, processor):
 
 def test_bookkeeping_with_a_tiny_model(pbmc, processor, tmp_path):
     from panfoma.inference.perturb import perturb_genes
-    from panfoma.training.embed import load_model_and_processor
+    from panfoma.inference.embed import load_model_and_processor
 
     model, processor = load_model_and_processor(save_tiny_pretrained(tmp_path), device="cpu")
     adata = pbmc[:24].copy()

@@ -259,7 +259,7 @@ def _cmd_embed(args: argparse.Namespace) -> int:
         import h5py
         from anndata.io import read_elem
 
-        from .embed import embed_file, embedding_metadata_key
+        from ..inference.embed import embed_file, embedding_metadata_key
 
         path = embed_file(args.model, source, args.output, batch_size=args.batch_size, all_genes=args.all_genes,
                           max_genes=args.max_genes, layer=args.layer, gene_names=args.gene_names, device=args.device,

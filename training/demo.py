@@ -252,7 +252,7 @@ def run_demo(output_dir: str | os.PathLike = "panfoma-demo", *, size: str = "def
     from sklearn.linear_model import LogisticRegression
 
     from .bench import PanFoMaBenchQCConfig, PanFoMaBenchStudy, build_bench
-    from .embed import embed_adata, load_model_and_processor
+    from ..inference.embed import embed_adata, load_model_and_processor
     from .finetune import finetune, prepare_splits, _load_dataset_dict
     from .pretrain import load_pretraining_config, pretrain
 

@@ -105,7 +105,7 @@ def _use_bf16(bf16: bool | None, use_cpu: bool) -> bool:
         return bool(bf16)
     import torch
 
-    from panfoma.training.embed import resolve_precision
+    from panfoma.inference.embed import resolve_precision
 
     device = "cpu" if use_cpu or not torch.cuda.is_available() else "cuda"
     return resolve_precision(DEFAULT_PRECISION, device) == "bf16"
@@ -274,7 +274,7 @@ def load_classifier(model_name_or_path: str | os.PathLike, label_names: Sequence
     """
     from panfoma import PanFoMaForCellClassification
 
-    from .embed import config_and_processor, is_preset_name, random_init_model
+    from ..inference.embed import config_and_processor, is_preset_name, random_init_model
 
     id2label = dict(enumerate(label_names))
     label2id = {name: i for i, name in enumerate(label_names)}
@@ -510,7 +510,7 @@ def finetune(
     Returns:
         `FinetuneResult` with validation and test (when there is a test split) accuracy and macro-F1.
     """
-    from .embed import is_preset_name
+    from ..inference.embed import is_preset_name
     from .pretrain import check_dataset_vocabulary, save_pretrained_with_card
 
     dataset_dict = _load_dataset_dict(dataset)

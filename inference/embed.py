@@ -1,7 +1,7 @@
 """Cell (and gene) embeddings from a saved PanFoMa checkpoint.
 
 Python:
-    >>> from panfoma.training.embed import load_model_and_processor, embed_adata  # doctest: +SKIP
+    >>> from panfoma.inference.embed import load_model_and_processor, embed_adata  # doctest: +SKIP
     >>> model, processor = load_model_and_processor("path/to/model")  # doctest: +SKIP
     >>> adata.obsm["X_panfoma"] = embed_adata(model, processor, adata, batch_size=64)  # doctest: +SKIP
 
