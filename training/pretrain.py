@@ -486,16 +486,82 @@ def _evaluate(accelerator, model, loader: _Loader, max_batches: int) -> dict:
     return {"eval_loss": float(gathered.mean())}
 
 
+@dataclass
+class PretrainingRun:
+    """Everything the training loop works on, built by `setup_pretraining` (restored from a checkpoint if any).
+
+    `model` and `optimizer` are the prepared ones (DDP/FSDP-wrapped); `state` is what `trainer_state.json` holds
+    (`global_step`, `epoch`, `batches_in_epoch`, `cells_seen`, `tokens_seen`).
+    """
+
+    cfg: PretrainingConfig
+    accelerator: Any
+    model: Any
+    processor: Any
+    optimizer: Any
+    scheduler: Any
+    train: _Loader
+    evaluation: _Loader | None
+    total_steps: int
+    state: dict
+    output_dir: Path
+    log_with: str | None
+
+
 def pretrain(cfg: PretrainingConfig) -> Path:
-    """Run (or resume) pretraining; return the output folder holding the final model, processor and card."""
-    from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
-    from accelerate.utils.imports import is_tensorboard_available
-    from tqdm.auto import tqdm
-    from transformers import get_cosine_schedule_with_warmup
+    """Run (or resume) pretraining; return the output folder holding the final model, processor and card.
+
+    The three stages are public so a script can run them separately: `setup_pretraining` (accelerator, model,
+    data, optimiser, resume), `train_loop` (the optimiser steps, logging, evaluation, checkpoints) and
+    `save_final_model` (the final evaluation and the `save_pretrained` folder).
+    """
+    run = setup_pretraining(cfg)
+    train_loop(run)
+    return save_final_model(run)
+
+
+def setup_pretraining(cfg: PretrainingConfig) -> PretrainingRun:
+    """Accelerator, model and processor, data loaders, optimiser and schedule; restore the latest checkpoint."""
+    from accelerate.utils import set_seed
 
     cfg.validate()
     output_dir = Path(cfg.output_dir)
+    accelerator, log_with = _make_accelerator(cfg, output_dir)
+    logger.info("pretraining on %s: %d process(es), mixed precision %s", accelerator.device,
+                accelerator.num_processes, cfg.mixed_precision)
+    set_seed(cfg.seed)  # identical initial weights in every process
+
+    model, processor = build_model_and_processor(cfg)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    model.freeze_unused_heads()  # heads of loss terms weighted 0 get no gradient; DDP would fail on them
+    train, evaluation = _make_loaders(cfg, accelerator, model, processor)
+    total_steps = _total_steps(cfg, train)
+    optimizer, scheduler = _make_optimizer(cfg, model, total_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
+
+    state = {"global_step": 0, "epoch": 0, "batches_in_epoch": 0, "cells_seen": 0, "tokens_seen": 0}
+    run = PretrainingRun(cfg, accelerator, model, processor, optimizer, scheduler, train, evaluation, total_steps,
+                         state, output_dir, log_with)
+    _restore_checkpoint(run)
+    if accelerator.is_main_process:
+        import yaml
+
+        _truncate_metrics(output_dir, state["global_step"])
+        (output_dir / CONFIG_FILE).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    if log_with:
+        accelerator.init_trackers("pretrain", config={k: v for k, v in cfg.to_dict().items()
+                                                      if isinstance(v, (int, float, str, bool))})
+    return run
+
+
+def _make_accelerator(cfg: PretrainingConfig, output_dir: Path):
+    """`(Accelerator, tracker name or None)` for `cfg` (CPU processes join a gloo group)."""
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
+    from accelerate.utils.imports import is_tensorboard_available
+
     cpu = cfg.cpu or not torch.cuda.is_available()
     log_with = "tensorboard" if is_tensorboard_available() else None
     accelerator = Accelerator(
@@ -506,11 +572,11 @@ def pretrain(cfg: PretrainingConfig) -> Path:
         log_with=log_with,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "runs")),
     )
-    logger.info("pretraining on %s: %d process(es), mixed precision %s", accelerator.device,
-                accelerator.num_processes, cfg.mixed_precision)
-    set_seed(cfg.seed)  # identical initial weights in every process
+    return accelerator, log_with
 
-    model, processor = build_model_and_processor(cfg)
+
+def _make_loaders(cfg: PretrainingConfig, accelerator, model, processor):
+    """`(train, evaluation or None)` loaders; `cfg.eval_split` is set to None when the dataset lacks it."""
     check_dataset_vocabulary(cfg.dataset, processor)
     splits = [cfg.train_split]
     if cfg.eval_split:
@@ -520,28 +586,36 @@ def pretrain(cfg: PretrainingConfig) -> Path:
             logger.warning("the dataset has no %r split: no evaluation during pretraining", cfg.eval_split)
             cfg.eval_split = None
     data = load_splits(cfg.dataset, splits, streaming=cfg.streaming)
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-    model.freeze_unused_heads()  # heads of loss terms weighted 0 get no gradient; DDP would fail on them
     collator = make_collator(processor, model.config, seed=cfg.seed)
     train = _Loader(accelerator, data[cfg.train_split], collator, cfg, shuffle=True)
     evaluation = (_Loader(accelerator, data[cfg.eval_split], make_collator(processor, model.config, seed=cfg.seed),
                           cfg, shuffle=False) if cfg.eval_split else None)
+    return train, evaluation
 
+
+def _total_steps(cfg: PretrainingConfig, train: _Loader) -> int:
+    """Optimiser steps of the run: `max_steps`, else `num_epochs` passes over the training loader."""
     if cfg.max_steps > 0:
-        total_steps = cfg.max_steps
-    else:
-        steps_per_epoch = math.ceil(len(train) / cfg.gradient_accumulation_steps)
-        total_steps = max(1, math.ceil(steps_per_epoch * cfg.num_epochs))
+        return cfg.max_steps
+    steps_per_epoch = math.ceil(len(train) / cfg.gradient_accumulation_steps)
+    return max(1, math.ceil(steps_per_epoch * cfg.num_epochs))
+
+
+def _make_optimizer(cfg: PretrainingConfig, model, total_steps: int):
+    """AdamW over the shared weight-decay groups, and linear warmup then cosine decay to 0."""
+    from transformers import get_cosine_schedule_with_warmup
+
     warmup = cfg.warmup_steps if cfg.warmup_steps > 0 else int(cfg.warmup_ratio * total_steps)
     optimizer = torch.optim.AdamW(parameter_groups(model, cfg.weight_decay), lr=cfg.learning_rate,
                                   betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon)
     # The scheduler is stepped by hand once per optimiser step (a prepared one steps once per process).
     scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, total_steps)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    accelerator.register_for_checkpointing(scheduler)
+    return optimizer, scheduler
 
-    state = {"global_step": 0, "epoch": 0, "batches_in_epoch": 0, "cells_seen": 0, "tokens_seen": 0}
+
+def _restore_checkpoint(run: PretrainingRun) -> None:
+    """Load the checkpoint `cfg.resume` names (`auto`: the latest complete one) into `run`, if there is one."""
+    cfg, accelerator, output_dir = run.cfg, run.accelerator, run.output_dir
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         _remove_partial_checkpoints(output_dir)
@@ -556,32 +630,30 @@ def pretrain(cfg: PretrainingConfig) -> Path:
                              "'never' or a checkpoints/step-N folder.")
     if checkpoint is not None:
         accelerator.load_state(str(checkpoint))
-        state.update(json.loads((checkpoint / TRAINER_STATE).read_text()))
+        run.state.update(json.loads((checkpoint / TRAINER_STATE).read_text()))
         logger.info("resumed from %s (step %d, epoch %d, %d batches into the epoch)", checkpoint,
-                    state["global_step"], state["epoch"], state["batches_in_epoch"])
-    if accelerator.is_main_process:
-        import yaml
+                    run.state["global_step"], run.state["epoch"], run.state["batches_in_epoch"])
 
-        _truncate_metrics(output_dir, state["global_step"])
-        (output_dir / CONFIG_FILE).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    if log_with:
-        accelerator.init_trackers("pretrain", config={k: v for k, v in cfg.to_dict().items()
-                                                      if isinstance(v, (int, float, str, bool))})
 
+def train_loop(run: PretrainingRun) -> None:
+    """Optimiser steps from `run.state` to `run.total_steps`: log, evaluate and checkpoint on schedule."""
+    from tqdm.auto import tqdm
+
+    cfg, accelerator, model, state = run.cfg, run.accelerator, run.model, run.state
     # The floors a model reaches without reading the cell (shortcut_floors.py), logged beside every loss.
     model_config = accelerator.unwrap_model(model).config
     floors = ShortcutFloors(model_config.n_bins, model_config.vocab_size).fit(
-        batch for _, batch in zip(range(FLOOR_FIT_BATCHES), train.epoch(0)))
+        batch for _, batch in zip(range(FLOOR_FIT_BATCHES), run.train.epoch(0)))
 
     model.train()
-    bar = tqdm(total=total_steps, initial=state["global_step"], desc="PanFoMa pretrain", unit="step",
+    bar = tqdm(total=run.total_steps, initial=state["global_step"], desc="PanFoMa pretrain", unit="step",
                disable=not (cfg.progress and accelerator.is_local_main_process))
     window = _new_window()
     grad_norm = None
-    done = state["global_step"] >= total_steps
+    done = state["global_step"] >= run.total_steps
     while not done:
         skip = state["batches_in_epoch"]
-        for batch in train.epoch(state["epoch"], skip=skip):
+        for batch in run.train.epoch(state["epoch"], skip=skip):
             # Dropout draws from the global RNG: seeding it per micro-batch makes a resumed run draw exactly what
             # the uninterrupted run drew at the same step, whatever the data loaders consumed before.
             torch.manual_seed(_micro_batch_seed(cfg.seed, state["global_step"], state["batches_in_epoch"],
@@ -591,36 +663,25 @@ def pretrain(cfg: PretrainingConfig) -> Path:
                 accelerator.backward(outputs.loss)
                 if accelerator.sync_gradients and cfg.max_grad_norm > 0:
                     grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad()
+                run.optimizer.step()
+                run.optimizer.zero_grad()
             state["batches_in_epoch"] += 1
-            window["loss"].append(outputs.loss.detach().float())
-            for term in LOSS_TERMS:
-                if getattr(outputs, term) is not None:
-                    window[term].append(getattr(outputs, term).detach().float())
-            window["floors"].append(floors(batch))
-            window["cells"] += int(batch["input_ids"].shape[0])
-            window["tokens"] += int(batch["attention_mask"].sum())
+            _accumulate_window(window, outputs, batch, floors)
             if not accelerator.sync_gradients:
                 continue
             if not accelerator.optimizer_step_was_skipped:
-                scheduler.step()
+                run.scheduler.step()
             state["global_step"] += 1
             bar.update(1)
-            step = state["global_step"]
-            if step % cfg.logging_steps == 0 or step == total_steps:
-                record = _log_record(accelerator, state, window, scheduler, grad_norm)
+            if state["global_step"] % cfg.logging_steps == 0 or state["global_step"] == run.total_steps:
+                record = _log_record(accelerator, state, window, run.scheduler, grad_norm)
                 state["cells_seen"] += record.pop("_cells")
                 state["tokens_seen"] += record.pop("_tokens")
                 bar.set_postfix(loss=f"{record['loss']:.4f}")
-                _emit(accelerator, output_dir, record, log_with)
+                _emit(accelerator, run.output_dir, record, run.log_with)
                 window = _new_window()
-            if evaluation is not None and cfg.eval_steps and step % cfg.eval_steps == 0:
-                metrics = _evaluate(accelerator, model, evaluation, cfg.max_eval_batches)
-                _emit(accelerator, output_dir, {"step": step, **metrics}, log_with)
-            if cfg.save_steps and step % cfg.save_steps == 0 and step < total_steps:
-                _save_checkpoint(accelerator, output_dir, dict(state), cfg.save_total_limit)
-            if step >= total_steps:
+            _after_optimizer_step(run)
+            if state["global_step"] >= run.total_steps:
                 done = True
                 break
         else:
@@ -628,18 +689,43 @@ def pretrain(cfg: PretrainingConfig) -> Path:
             state["batches_in_epoch"] = 0
     bar.close()
 
+
+def _accumulate_window(window: dict, outputs, batch: dict, floors) -> None:
+    """Add one micro-batch's losses, shortcut floors, cells and tokens to the logging window."""
+    window["loss"].append(outputs.loss.detach().float())
+    for term in LOSS_TERMS:
+        if getattr(outputs, term) is not None:
+            window[term].append(getattr(outputs, term).detach().float())
+    window["floors"].append(floors(batch))
+    window["cells"] += int(batch["input_ids"].shape[0])
+    window["tokens"] += int(batch["attention_mask"].sum())
+
+
+def _after_optimizer_step(run: PretrainingRun) -> None:
+    """Evaluate and checkpoint when the schedule says so (the checkpoint after the last step is the final model)."""
+    cfg, step = run.cfg, run.state["global_step"]
+    if run.evaluation is not None and cfg.eval_steps and step % cfg.eval_steps == 0:
+        metrics = _evaluate(run.accelerator, run.model, run.evaluation, cfg.max_eval_batches)
+        _emit(run.accelerator, run.output_dir, {"step": step, **metrics}, run.log_with)
+    if cfg.save_steps and step % cfg.save_steps == 0 and step < run.total_steps:
+        _save_checkpoint(run.accelerator, run.output_dir, dict(run.state), cfg.save_total_limit)
+
+
+def save_final_model(run: PretrainingRun) -> Path:
+    """Final evaluation, then the model, processor and card in `output_dir` (written by the main process)."""
+    cfg, accelerator, output_dir = run.cfg, run.accelerator, run.output_dir
     final_metrics = {}
-    if evaluation is not None:
-        final_metrics = _evaluate(accelerator, model, evaluation, cfg.max_eval_batches)
+    if run.evaluation is not None:
+        final_metrics = _evaluate(accelerator, run.model, run.evaluation, cfg.max_eval_batches)
         if final_metrics:
-            _emit(accelerator, output_dir, {"step": state["global_step"], **final_metrics}, log_with)
+            _emit(accelerator, output_dir, {"step": run.state["global_step"], **final_metrics}, run.log_with)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        unwrapped = accelerator.unwrap_model(model)
-        save_pretrained_with_card(unwrapped, processor, output_dir, training_data=cfg.dataset,
+        unwrapped = accelerator.unwrap_model(run.model)
+        save_pretrained_with_card(unwrapped, run.processor, output_dir, training_data=cfg.dataset,
                                   metrics=final_metrics or None)
     accelerator.wait_for_everyone()
-    if log_with:
+    if run.log_with:
         accelerator.end_training()
     return output_dir
 
@@ -797,6 +883,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 __all__ = [
     "PretrainingConfig",
+    "PretrainingRun",
     "add_pretrain_arguments",
     "build_model_and_processor",
     "check_dataset_vocabulary",
@@ -811,7 +898,10 @@ __all__ = [
     "pretrain",
     "read_metrics",
     "run_pretrain",
+    "save_final_model",
     "save_pretrained_with_card",
+    "setup_pretraining",
+    "train_loop",
 ]
 
 
