@@ -73,6 +73,25 @@ def test_help_and_version_do_not_import_torch(tmp_path, flag):
     assert ("COMMAND" in result.stdout) if flag == "--help" else result.stdout.startswith("panfoma ")
 
 
+def _imported_modules(*args: str, cwd: Path) -> set[str]:
+    """Top-level names of every module a `panfoma ARGS` run imported (`python -X importtime`)."""
+    result = subprocess.run([sys.executable, "-X", "importtime", *CLI[1:], *args], capture_output=True, text=True,
+                            cwd=cwd, timeout=60, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "usage: panfoma" in result.stdout
+    return {line.split("|")[-1].strip().split(".")[0] for line in result.stderr.splitlines()
+            if line.startswith("import time")}
+
+
+@pytest.mark.parametrize("command", ["finetune", "embed", "annotate", "perturb", "gene-embeddings",
+                                     "build-bench", "push"])
+def test_command_help_does_not_import_the_heavy_libraries(tmp_path, command):
+    # `panfoma finetune --help` used to import transformers' Trainer (about 10 s on a busy machine).
+    heavy = {"torch", "transformers", "scanpy", "scib", "datasets", "accelerate", "peft", "pandas"}
+    imported = _imported_modules(command, "--help", cwd=tmp_path)
+    assert not imported & heavy, sorted(imported & heavy)
+
+
 # ---------------------------------------------------------------------------------------------- model argument
 def test_preset_name_says_no_weights_are_published_without_touching_the_hub(tmp_path, cells):
     start = time.perf_counter()
@@ -179,6 +198,46 @@ def _run_with_handler(tmp_path, raised: str, *extra: str) -> subprocess.Complete
     script = tmp_path / "panfoma"
     script.write_text(code)
     return subprocess.run([sys.executable, str(script)], capture_output=True, text=True, cwd=tmp_path, timeout=60)
+
+
+def _run_with_body(tmp_path, body: str, *extra: str) -> subprocess.CompletedProcess:
+    """Run `panfoma embed` with its handler replaced by `body` (indented Python statements, then `return 0`)."""
+    code = (
+        "import dataclasses, sys, warnings\n"
+        "from panfoma.training import cli\n"
+        "def handler(args):\n"
+        + "".join(f"    {line}\n" for line in body.splitlines()) +
+        "    return 0\n"
+        "cli._COMMANDS['embed'] = dataclasses.replace(cli._COMMANDS['embed'], handler=handler)\n"
+        f"sys.exit(cli.main(['embed', 'm', 'in.h5ad', '-o', 'o.h5ad', *{list(extra)!r}]))\n"
+    )
+    script = tmp_path / "panfoma"
+    script.write_text(code)
+    environment = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
+    return subprocess.run([sys.executable, str(script)], capture_output=True, text=True, cwd=tmp_path, timeout=120,
+                          env=environment)
+
+
+def test_third_party_deprecation_notices_are_hidden_unless_verbose(tmp_path):
+    body = ("warnings.warn('pkg_resources is deprecated as an API', UserWarning)\n"
+            "warnings.warn('this argument will change in version 2', FutureWarning)\n"
+            "warnings.warn('old API', DeprecationWarning)\n"
+            "warnings.warn('3 cells have no counts', UserWarning)")
+    result = _run_with_body(tmp_path, body)
+    assert result.returncode == 0, result.stderr
+    assert "3 cells have no counts" in result.stderr  # an ordinary warning still reaches the user
+    for hidden in ("pkg_resources", "version 2", "old API"):
+        assert hidden not in result.stderr, result.stderr
+    verbose = _run_with_body(tmp_path, body, "--verbose")
+    assert "pkg_resources is deprecated" in verbose.stderr and "version 2" in verbose.stderr
+
+
+def test_importing_scanpy_prints_no_deprecation_notice(tmp_path):
+    # `import scanpy` imports louvain, which warns "pkg_resources is deprecated" on every import (setuptools >= 67).
+    pytest.importorskip("scanpy")
+    result = _run_with_body(tmp_path, "import scanpy")
+    assert result.returncode == 0, result.stderr
+    assert "deprecat" not in result.stderr.lower(), result.stderr
 
 
 def test_ctrl_c_says_interrupted_nothing_written(tmp_path):

@@ -47,7 +47,7 @@ def _classifier():
 def _trainer(model, tmp_path, **kwargs):
     from transformers import TrainingArguments
 
-    from panfoma.training.finetune import PanFoMaTrainer
+    from panfoma.training.trainer import PanFoMaTrainer
 
     args = TrainingArguments(str(tmp_path), learning_rate=1e-4, weight_decay=0.05, report_to="none", use_cpu=True)
     return PanFoMaTrainer(model=model, args=args, **kwargs)

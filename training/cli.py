@@ -35,6 +35,7 @@ import re
 import sys
 import tempfile
 import traceback
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -552,6 +553,19 @@ def _set_threads(threads: int | None) -> None:
     torch.set_num_threads(threads)
 
 
+def _hide_third_party_deprecations() -> None:
+    """Hide other packages' deprecation notices for this run: FutureWarning, (Pending)DeprecationWarning, and the
+    UserWarnings that announce a deprecation (louvain's `pkg_resources is deprecated`, printed by every `import
+    scanpy`). They address those packages' developers, not a user, and would print on every run. Kept: PanFoMa's own
+    warnings, `--verbose` runs, and any choice made with `python -W` or PYTHONWARNINGS."""
+    if sys.warnoptions:
+        return
+    for category in (DeprecationWarning, PendingDeprecationWarning, FutureWarning):
+        warnings.filterwarnings("ignore", category=category)
+    warnings.filterwarnings("ignore", message=r"(?s).*\bdeprecat", category=UserWarning)
+    warnings.filterwarnings("default", module=r"panfoma(\.|$)")  # first in the list: PanFoMa's own always show
+
+
 def _without_cli_options(argv: Sequence[str]) -> list[str]:
     """`argv` without the options this module adds (`--threads N`, -v, -q), for `pretrain`'s torchrun re-launch."""
     out, skip = [], False
@@ -636,6 +650,8 @@ def _run(argv: list[str], state: dict) -> int:
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if not args.verbose:
+        _hide_third_party_deprecations()
     _set_threads(getattr(args, "threads", None))
     return int(args.func(args) or 0)
 
