@@ -19,6 +19,7 @@ PANFOMA_PRESETS: dict[str, dict] = {
 POOLING_MODES = ("weighted_mean", "cls+weighted_mean", "cls+mean", "cls", "mean")
 VALUE_ENCODINGS = ("scaled", "additive")
 MAMBA_IMPLEMENTATIONS = ("auto", "kernel", "torch")
+TARGET_NORMALIZATIONS = ("none", "gene")
 
 
 class ValueIdsMixin:
@@ -87,6 +88,14 @@ class PanFoMaConfig(ValueIdsMixin, PretrainedConfig):
             its own state (0 = off).
         mvc_loss_weight (`float`): weight of the MSE of the same target predicted from the cell embedding alone
             (0 = off); it trains `pooler_output` to carry the cell's expression profile.
+        target_normalization (`str`): scale of the regression targets of `mse_loss_weight` / `mvc_loss_weight`:
+            "none" (log1p CP10k as is) or "gene" (each gene's target standardised by running per-gene mean and
+            standard deviation kept in the model, like BatchNorm statistics: every gene weighs the same, so the loss
+            rewards a cell's deviations from a gene's typical level rather than gene abundance).
+        contrastive_loss_weight (`float`): weight of a contrastive term (0 = off): each cell's genes are split at
+            random into two disjoint halves, both halves are encoded, and the two cell embeddings must identify each
+            other among the batch's cells (symmetric InfoNCE). Costs a second forward pass.
+        contrastive_temperature (`float`): temperature of that InfoNCE.
         classifier_dropout (`float`): dropout before the classification MLP.
         vocab_hash (`str` or `None`): hash of the gene vocabulary the embeddings were trained with;
             processors check it so genes are never silently misaligned.
@@ -130,6 +139,9 @@ class PanFoMaConfig(ValueIdsMixin, PretrainedConfig):
         mvm_loss_weight: float = 0.0,
         mse_loss_weight: float = 1.0,
         mvc_loss_weight: float = 1.0,
+        target_normalization: str = "none",
+        contrastive_loss_weight: float = 0.0,
+        contrastive_temperature: float = 0.1,
         classifier_dropout: float = 0.1,
         vocab_hash: str | None = None,
         **kwargs,
@@ -167,6 +179,9 @@ class PanFoMaConfig(ValueIdsMixin, PretrainedConfig):
         self.mvm_loss_weight = mvm_loss_weight
         self.mse_loss_weight = mse_loss_weight
         self.mvc_loss_weight = mvc_loss_weight
+        self.target_normalization = target_normalization
+        self.contrastive_loss_weight = contrastive_loss_weight
+        self.contrastive_temperature = contrastive_temperature
         self.classifier_dropout = classifier_dropout
         self.vocab_hash = vocab_hash
         super().__init__(pad_token_id=pad_token_id, **kwargs)
@@ -218,9 +233,18 @@ class PanFoMaConfig(ValueIdsMixin, PretrainedConfig):
             )
         if not 0.0 < self.mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must be in (0, 1), got {self.mask_ratio}.")
-        weights = (self.mvm_loss_weight, self.mse_loss_weight, self.mvc_loss_weight)
+        weights = (self.mvm_loss_weight, self.mse_loss_weight, self.mvc_loss_weight, self.contrastive_loss_weight)
         if min(weights) < 0 or sum(weights) == 0:
-            raise ValueError("mvm_loss_weight, mse_loss_weight and mvc_loss_weight must be >= 0 and not all 0.")
+            raise ValueError(
+                "mvm_loss_weight, mse_loss_weight, mvc_loss_weight and contrastive_loss_weight must be >= 0 and not "
+                "all 0."
+            )
+        if self.target_normalization not in TARGET_NORMALIZATIONS:
+            raise ValueError(
+                f"target_normalization must be one of {TARGET_NORMALIZATIONS}, got {self.target_normalization!r}."
+            )
+        if not self.contrastive_temperature > 0:
+            raise ValueError(f"contrastive_temperature must be > 0, got {self.contrastive_temperature}.")
         if not 0.0 < self.time_step_min <= self.time_step_max:
             raise ValueError("need 0 < time_step_min <= time_step_max.")
         for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout"):

@@ -80,9 +80,13 @@ class PanFoMaForPreTrainingOutput(ModelOutput):
     Args:
         loss (`torch.FloatTensor`, optional): weighted sum of the enabled terms (see the model's docstring).
         logits (`torch.FloatTensor` of shape `(b, n, v)`): bin logits per gene (input order).
-        value_predictions (`torch.FloatTensor` of shape `(b, n)`): predicted continuous normalised value per gene.
+        value_predictions (`torch.FloatTensor` of shape `(b, n)`): predicted continuous normalised value per gene
+            (standardised per gene when `config.target_normalization == "gene"`).
         cell_predictions (`torch.FloatTensor` of shape `(b, n)`): the same, predicted from the cell embedding alone.
-        mvm_loss / mse_loss / mvc_loss (`torch.FloatTensor`, optional): the terms, unweighted (None when off).
+        mvm_loss / mse_loss / mvc_loss (`torch.FloatTensor`, optional): the terms, unweighted (None when off); the
+            two MSEs are in the target's units (log1p CP10k) whatever the normalisation, so they compare with the
+            shortcut floors.
+        contrastive_loss (`torch.FloatTensor`, optional): the InfoNCE term (`config.contrastive_loss_weight > 0`).
         pooler_output, gene_order, hidden_states, attentions: as in [`PanFoMaModelOutput`].
     """
 
@@ -93,6 +97,7 @@ class PanFoMaForPreTrainingOutput(ModelOutput):
     mvm_loss: torch.FloatTensor | None = None
     mse_loss: torch.FloatTensor | None = None
     mvc_loss: torch.FloatTensor | None = None
+    contrastive_loss: torch.FloatTensor | None = None
     pooler_output: torch.FloatTensor | None = None
     gene_order: torch.LongTensor | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
@@ -474,6 +479,70 @@ class PanFoMaBiMambaLayer(GradientCheckpointingLayer):
 # ----------------------------------------------------------------------------------------------------------
 
 
+class GeneTargetNormalizer(nn.Module):
+    """Running per-gene mean and variance of the regression targets (`config.target_normalization="gene"`).
+
+    Like BatchNorm's running statistics, they are updated from every training batch (exact pooled statistics of all
+    targets seen so far, Chan's parallel update) and saved with the model. `normalize` maps a gene's target to
+    (x - mean) / std; genes seen fewer than twice use the statistics pooled over all genes.
+    """
+
+    min_std = 0.1  # a gene that barely varies must not dominate the loss
+
+    def __init__(self, vocab_size: int):
+        super().__init__()
+        self.register_buffer("count", torch.zeros(vocab_size))
+        self.register_buffer("mean", torch.zeros(vocab_size))
+        self.register_buffer("m2", torch.zeros(vocab_size))
+
+    def reset(self) -> None:
+        init.zeros_(self.count)
+        init.zeros_(self.mean)
+        init.zeros_(self.m2)
+
+    @torch.no_grad()
+    def update(self, ids: torch.LongTensor, targets: torch.Tensor) -> None:
+        """Add the targets (k,) of genes `ids` (k,) to the running statistics."""
+        targets = targets.float()
+        n_b = torch.zeros_like(self.count).index_add_(0, ids, torch.ones_like(targets))
+        sum_b = torch.zeros_like(self.count).index_add_(0, ids, targets)
+        sq_b = torch.zeros_like(self.count).index_add_(0, ids, targets * targets)
+        seen = n_b > 0
+        mean_b = torch.where(seen, sum_b / n_b.clamp(min=1), torch.zeros_like(sum_b))
+        m2_b = (sq_b - n_b * mean_b * mean_b).clamp(min=0)
+        n = self.count + n_b
+        delta = mean_b - self.mean
+        share = torch.where(seen, n_b / n.clamp(min=1), torch.zeros_like(n))
+        self.m2.add_(m2_b + delta * delta * self.count * share)
+        self.mean.add_(delta * share)
+        self.count.copy_(n)
+
+    def statistics(self, ids: torch.LongTensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, std) of the targets of genes `ids`, each shaped like `ids`."""
+        total = self.count.sum()
+        if total < 2:
+            return torch.zeros(ids.shape, device=ids.device), torch.ones(ids.shape, device=ids.device)
+        pooled_mean = (self.count * self.mean).sum() / total
+        pooled_var = (self.m2 + self.count * (self.mean - pooled_mean) ** 2).sum() / total
+        count = self.count[ids]
+        known = count >= 2
+        mean = torch.where(known, self.mean[ids], pooled_mean)
+        var = torch.where(known, self.m2[ids] / count.clamp(min=1), pooled_var)
+        return mean, var.sqrt().clamp(min=self.min_std)
+
+
+def random_halves(valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split each row's valid genes (b, n) at random into two disjoint, non-empty halves (boolean masks); a row with
+    fewer than two genes gives its genes to both halves."""
+    lengths = valid.sum(1, keepdim=True)
+    noise = torch.rand(valid.shape, device=valid.device).masked_fill(~valid, 2.0)
+    rank = noise.argsort(1).argsort(1)  # rank among the row's genes; padding ranks last
+    first = valid & (rank < lengths // 2)
+    second = valid & ~first
+    tiny = lengths < 2
+    return torch.where(tiny, valid, first), torch.where(tiny, valid, second)
+
+
 class PanFoMaPreTrainedModel(PreTrainedModel):
     """Weight initialisation, Auto-class plumbing and the shared loading/saving rules of all PanFoMa models."""
 
@@ -503,6 +572,8 @@ class PanFoMaPreTrainedModel(PreTrainedModel):
         elif isinstance(module, PanFoMaEmbeddings):
             init.normal_(module.cls_embedding, mean=0.0, std=std)
             module.reset_value_gain()
+        elif isinstance(module, GeneTargetNormalizer):
+            module.reset()
         elif isinstance(module, PanFoMaMambaMixer):
             # The mixer's own rule; it runs after the generic Linear init of its children (children are visited
             # first), so Mamba's initialisation is the one that stays.
@@ -742,6 +813,10 @@ class PanFoMaForPreTraining(PanFoMaPreTrainedModel):
       so it can be lowered by copying the cell's visible-bin histogram without learning cell identity; the pretraining
       loop logs that floor (and the per-gene ones) beside the losses.
 
+    Options: `target_normalization="gene"` standardises the two regression targets per gene (running statistics,
+    `GeneTargetNormalizer`); `contrastive_loss_weight > 0` adds an InfoNCE term between two random halves of each
+    cell's genes.
+
     `labels` (b, n): the true bin at masked positions, `-100` elsewhere. `raw_values` (b, n): continuous targets,
     used at the same positions. The collator in `panfoma.tokenization` builds both.
 
@@ -760,6 +835,9 @@ class PanFoMaForPreTraining(PanFoMaPreTrainedModel):
         self.value_regressor = nn.Linear(d, 1)
         self.mvc_cell = nn.Linear(d, d)
         self.mvc_query = nn.Sequential(nn.Linear(d, d), ACT2FN["gelu"], nn.Linear(d, d))
+        self.contrastive_projection = nn.Sequential(nn.Linear(d, d), ACT2FN["gelu"], nn.Linear(d, d))
+        if config.target_normalization == "gene":
+            self.target_normalizer = GeneTargetNormalizer(config.vocab_size)
         self.post_init()
 
     def freeze_unused_heads(self) -> list[str]:
@@ -774,6 +852,7 @@ class PanFoMaForPreTraining(PanFoMaPreTrainedModel):
             "global_projection": config.mvm_loss_weight == 0 and config.mse_loss_weight == 0,
             "mvc_cell": config.mvc_loss_weight == 0,
             "mvc_query": config.mvc_loss_weight == 0,
+            "contrastive_projection": config.contrastive_loss_weight == 0,
         }
         frozen = [name for name, off in unused.items() if off]
         for name in frozen:
@@ -810,7 +889,7 @@ class PanFoMaForPreTraining(PanFoMaPreTrainedModel):
         query = self.mvc_query(self.panfoma.embeddings.gene_embeddings(input_ids))  # (b, n, d)
         cell_predictions = torch.einsum("bnd,bd->bn", query, self.mvc_cell(pooled)) / math.sqrt(query.size(-1))
 
-        loss = mvm_loss = mse_loss = mvc_loss = None
+        loss = mvm_loss = mse_loss = mvc_loss = contrastive_loss = None
         if labels is not None:
             if labels.shape != input_ids.shape:
                 raise ValueError(f"`labels` shape {tuple(labels.shape)} must match `input_ids` {tuple(input_ids.shape)}.")
@@ -826,12 +905,20 @@ class PanFoMaForPreTraining(PanFoMaPreTrainedModel):
                         "batch: build it with PanFoMaDataCollator(..., return_raw_values=True)."
                     )
                 targets = raw_values.float()[target_mask]
+                mean, std = self._target_statistics(input_ids[target_mask], targets)
+                standardised = (targets - mean) / std
+                # Optimised on the standardised scale; reported in the target's units (comparable to the floors).
                 if config.mse_loss_weight > 0:
-                    mse_loss = F.mse_loss(value_predictions.float()[target_mask], targets)
-                    loss = loss + config.mse_loss_weight * mse_loss
+                    predicted = value_predictions.float()[target_mask]
+                    loss = loss + config.mse_loss_weight * F.mse_loss(predicted, standardised)
+                    mse_loss = F.mse_loss(predicted.detach() * std + mean, targets)
                 if config.mvc_loss_weight > 0:
-                    mvc_loss = F.mse_loss(cell_predictions.float()[target_mask], targets)
-                    loss = loss + config.mvc_loss_weight * mvc_loss
+                    predicted = cell_predictions.float()[target_mask]
+                    loss = loss + config.mvc_loss_weight * F.mse_loss(predicted, standardised)
+                    mvc_loss = F.mse_loss(predicted.detach() * std + mean, targets)
+            if config.contrastive_loss_weight > 0 and input_ids.size(0) > 1:
+                contrastive_loss = self._contrastive_loss(input_ids, values, attention_mask)
+                loss = loss + config.contrastive_loss_weight * contrastive_loss
 
         output = PanFoMaForPreTrainingOutput(
             loss=loss,
@@ -840,6 +927,7 @@ class PanFoMaForPreTraining(PanFoMaPreTrainedModel):
             mvm_loss=mvm_loss,
             mse_loss=mse_loss,
             mvc_loss=mvc_loss,
+            contrastive_loss=contrastive_loss,
             cell_predictions=cell_predictions,
             pooler_output=outputs.pooler_output,
             gene_order=outputs.gene_order,
@@ -847,6 +935,31 @@ class PanFoMaForPreTraining(PanFoMaPreTrainedModel):
             attentions=outputs.attentions,
         )
         return output if return_dict else output.to_tuple()
+
+
+    def _target_statistics(self, ids: torch.LongTensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, std) used to standardise the regression targets: the running per-gene statistics (updated first
+        when training) with `target_normalization="gene"`, else (0, 1)."""
+        if self.config.target_normalization != "gene":
+            return torch.zeros_like(targets), torch.ones_like(targets)
+        if self.training:
+            self.target_normalizer.update(ids, targets)
+        return self.target_normalizer.statistics(ids)
+
+    def _contrastive_loss(self, input_ids, values, attention_mask) -> torch.Tensor:
+        """Symmetric InfoNCE between the embeddings of two random disjoint halves of each cell's genes: a cell's
+        two halves must pick each other out among the batch's cells."""
+        valid = attention_mask.bool() if attention_mask is not None else input_ids != self.config.pad_token_id
+        first, second = random_halves(valid)
+        views = [
+            F.normalize(self.contrastive_projection(
+                self.panfoma(input_ids=input_ids, values=values, attention_mask=half, return_dict=True).pooler_output
+            ).float(), dim=-1)
+            for half in (first, second)
+        ]
+        logits = views[0] @ views[1].T / self.config.contrastive_temperature  # (b, b)
+        target = torch.arange(logits.size(0), device=logits.device)
+        return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
 
 
 class PanFoMaForCellClassification(PanFoMaPreTrainedModel):

@@ -72,7 +72,8 @@ def _valid_rows(x, mask):
 @pytest.mark.parametrize("cls", [PanFoMaModel, PanFoMaForPreTraining, PanFoMaForCellClassification])
 def test_shapes_backward_and_tuple_output(cls):
     # Every pretraining loss term on, so every head must receive a gradient.
-    tester = PanFoMaModelTester(num_labels=3, mvm_loss_weight=1.0, mse_loss_weight=0.5, mvc_loss_weight=0.5)
+    tester = PanFoMaModelTester(num_labels=3, mvm_loss_weight=1.0, mse_loss_weight=0.5, mvc_loss_weight=0.5,
+                                contrastive_loss_weight=0.5, target_normalization="gene")
     torch.manual_seed(0)
     model = cls(tester.config).train()
     batch = tester.inputs()
@@ -95,8 +96,14 @@ def test_shapes_backward_and_tuple_output(cls):
         scalar = out.loss
         expected = (b, n, tester.config.n_bins) if cls is PanFoMaForPreTraining else (b, 3)
         assert out.logits.shape == expected
-        as_tuple = model(**batch, return_dict=False)
-        assert torch.allclose(as_tuple[0], out.loss)  # loss first
+        with torch.no_grad():  # same random halves (contrastive term) and frozen target statistics: same loss
+            model.eval()
+            torch.manual_seed(1)
+            as_dict = model(**batch)
+            torch.manual_seed(1)
+            as_tuple = model(**batch, return_dict=False)
+            model.train()
+        assert torch.allclose(as_tuple[0], as_dict.loss)  # loss first
     scalar.backward()
     no_grad = [name for name, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
     assert no_grad == []
