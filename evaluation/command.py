@@ -58,6 +58,9 @@ def add_evaluate_arguments(parser) -> None:
         p.add_argument("--standardize-genes", action="store_true",
                        help="map var_names to HGNC symbols (PanFoMa vocabulary) before concatenating")
         p.add_argument("--batch-size", type=int, default=64, help="embedding batch size (--model)")
+        p.add_argument("--drop-empty-cells", action="store_true",
+                       help="leave out cells without expression in any vocabulary gene (counted in the report); "
+                       "without it such a cell stops a --model run")
         p.add_argument("--device", default=None, help="device for --model (default: cuda if available)")
         p.add_argument("--no-random-init-control", dest="random_init_control", action="store_false",
                        help="skip the panfoma_random_init track (a randomly initialised model of the same config, "
@@ -136,6 +139,27 @@ def _read_inputs(paths: Sequence[str], study_from_file: bool, standardize: bool)
     return ad.concat([p[:, shared] for p in parts], join="inner", merge="same")
 
 
+def _drop_empty_cells(adata, model: str | None, what: str):
+    """``adata`` without the cells the model's processor (the default one without a model) finds empty, and a note."""
+    from panfoma.tokenization import PanFoMaGeneProcessor
+
+    if model:
+        from panfoma.inference.embed import config_and_processor
+
+        processor = config_and_processor(model)[1]
+    else:
+        processor = PanFoMaGeneProcessor()
+    empty = processor.empty_cells(adata)
+    if not empty.any():
+        return adata, None
+    names = list(adata.obs_names[empty])
+    logger.warning("%s: dropping %d cell(s) without expression in vocabulary genes, e.g. %s", what, len(names),
+                   names[:5])
+    note = (f"--drop-empty-cells: {len(names)} {what} cell(s) without expression in any vocabulary gene were left "
+            f"out: {', '.join(names[:20])}{' ...' if len(names) > 20 else ''}")
+    return adata[~empty].copy(), note
+
+
 def run_evaluate(args) -> dict:
     """Run the task selected by ``add_evaluate_arguments``' parser; returns the report dict."""
     wants_finetune = getattr(args, "finetune", False)
@@ -145,6 +169,10 @@ def run_evaluate(args) -> dict:
     embed_fn = gene_fn = None
     tracks_kwargs: dict = {}
     notes: list[str] = []
+    drop_notes: list[str] = []
+    if getattr(args, "drop_empty_cells", False):
+        adata, note = _drop_empty_cells(adata, getattr(args, "model", None), "input")
+        drop_notes += [note] if note else []
     if getattr(args, "model", None):
         tracks = model_tracks(
             args.model, random_init_control=getattr(args, "random_init_control", True), finetune=wants_finetune,
@@ -176,6 +204,9 @@ def run_evaluate(args) -> dict:
         query = None
         if args.query:
             query = _read_inputs(args.query, False, args.standardize_genes)
+            if getattr(args, "drop_empty_cells", False):
+                query, note = _drop_empty_cells(query, getattr(args, "model", None), "query")
+                drop_notes += [note] if note else []
         elif args.query_batches:
             require_obs_columns(adata, [args.batch_key], "annotation --query-batches")
             in_query = adata.obs[args.batch_key].astype(str).isin(args.query_batches).to_numpy()
@@ -211,8 +242,8 @@ def run_evaluate(args) -> dict:
     else:
         raise ValueError(f"Unknown task {args.task!r}; choose one of {TASKS}.")
     report["command"] = command
-    if notes:
-        report.setdefault("notes", [])[:0] = notes
+    if notes or drop_notes:
+        report.setdefault("notes", [])[:0] = notes + drop_notes
     write_report(report, args.output_dir)
     return report
 

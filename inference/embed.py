@@ -6,7 +6,7 @@ Python:
     >>> adata.obsm["X_panfoma"] = embed_adata(model, processor, adata, batch_size=64)  # doctest: +SKIP
 
 Command line (`panfoma embed`): `panfoma embed model_dir input.h5ad -o out.h5ad [--all-genes] [--device cuda]
-[--precision {auto,fp32,bf16}]`.
+[--precision {auto,fp32,bf16}] [--drop-empty-cells]`.
 
 Choices:
 
@@ -23,11 +23,12 @@ Choices:
 * The processor and the model must share the gene vocabulary and binning; a mismatch is refused with an
   explanation instead of reading embeddings of the wrong genes.
 * Precision (`precision="auto"`, the default): bf16 autocast where the device multiplies bf16 matrices natively
-  (a CUDA GPU with bf16; a CPU with AVX512-BF16 / AMX-BF16 / Arm BF16), fp32 everywhere else. Measured on a 2-core
-  AMD EPYC with AVX512-BF16 (`benchmarks/bench_precision.py`, `benchmarks/results/precision.json`; panfoma-base,
-  randomly initialised, 3,072 genes, 64 real PBMC cells): bf16 autocast forward 1.45x the fp32 cells/s, per-cell
-  cosine of the bf16 and fp32 embeddings median 1.0000 (minimum 0.9999, also after removing the mean embedding),
-  10-nearest-neighbour overlap 0.995. `precision="fp32"` reproduces the plain float32 forward exactly. See `resolve_precision`.
+  (a CUDA GPU with bf16; a CPU with AVX512-BF16 / AMX-BF16 / Arm BF16), fp32 everywhere else; speed and agreement
+  with fp32 are measured by `benchmarks/bench_precision.py` (results in README and `benchmarks/results/`).
+  `precision="fp32"` reproduces the plain float32 forward exactly. See `resolve_precision`.
+* Cells without expression in any vocabulary gene are refused by default (one such cell would otherwise get an
+  arbitrary embedding); `drop_empty_cells=True` (CLI `--drop-empty-cells`) leaves their rows NaN and records how
+  many and which cells in the metadata (`n_dropped_cells`, `dropped_cells`).
 * `embed_file` never loads the expression matrix: the input file is copied and the embedding written into the
   copy's `obsm`, then the copy is renamed onto the output (an interrupted run leaves no half-written output).
   What produced it (model, precision, device, genes per cell, panfoma version) goes into `uns` beside it: key
@@ -39,7 +40,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import warnings
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -55,8 +55,8 @@ EMBEDDING_KEY = "X_panfoma"
 DEFAULT_BATCH_SIZE = 64
 #: Accepted values of `precision` (`embed_adata`, `embed_file`, `panfoma embed --precision`).
 PRECISIONS = ("auto", "fp32", "bf16")
-# Autocast dtype of each resolved precision; "fp16" is reachable only through the deprecated `autocast_dtype`.
-_AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Autocast dtype of each precision an fp32 model can run at; a model loaded in half precision runs in its own dtype.
+_AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 _PRECISION_OF_DTYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 # CPU feature flags (names of `torch.cpu.get_capabilities()`) that mean bf16 dot products run in hardware:
 # x86 AVX512-BF16 (Cooper Lake, Zen 4+), AVX10 (includes AVX512-BF16), AMX-BF16 (Sapphire Rapids+); Arm BF16
@@ -115,12 +115,10 @@ def resolve_precision(precision: str = "auto", device: str | torch.device | None
     otherwise. On a CPU *without* native bf16 (e.g. AVX2-only or AVX512 without BF16), bf16 autocast is emulated
     and slower than fp32, so "auto" does not use it (`"bf16"` still forces it).
 
-    Why bf16 by default where it is native: the embeddings agree with fp32 to well within what matters for
-    downstream use. `benchmarks/bench_precision.py` (results in `benchmarks/results/precision.json`; panfoma-base
-    randomly initialised, 3,072 genes, 64 real PBMC cells, 2-core AMD EPYC with AVX512-BF16) measured bf16 autocast
-    at 1.45x the fp32 forward speed, per-cell cosine(bf16, fp32) median 1.0000 (minimum 0.9999, also after removing
-    the mean embedding) and a 10-nearest-neighbour overlap of 0.995 (re-run it with `--model` on a trained
-    checkpoint to check yours). `"fp32"` gives the plain float32 forward exactly.
+    Why bf16 by default where it is native: it is faster there and the embeddings agree with fp32 to well within
+    what matters for downstream use (per-cell cosine and nearest-neighbour overlap measured by
+    `benchmarks/bench_precision.py`; re-run it with `--model` on a trained checkpoint to check yours). `"fp32"`
+    gives the plain float32 forward exactly.
 
     Args:
         precision: `"auto"`, `"fp32"` or `"bf16"`.
@@ -155,19 +153,6 @@ def resolve_precision(precision: str = "auto", device: str | torch.device | None
     if device.type == "cpu":
         return "bf16" if cpu_has_native_bf16() else "fp32"
     return "fp32"  # other backends (mps, xpu ...): not measured, stay exact
-
-
-def _precision_from_autocast_dtype(autocast_dtype: torch.dtype, precision: str) -> str:
-    """Map the deprecated `autocast_dtype` argument onto `precision` (with a FutureWarning)."""
-    if precision != "auto":
-        raise ValueError(f"pass either precision={precision!r} or the deprecated autocast_dtype, not both.")
-    mapped = _PRECISION_OF_DTYPE.get(autocast_dtype)
-    if mapped is None:
-        raise ValueError(f"autocast_dtype={autocast_dtype} is not supported; use precision='bf16' or 'fp32'.")
-    replacement = f"precision={mapped!r}" if mapped in PRECISIONS else "precision='bf16'"
-    warnings.warn(f"autocast_dtype is deprecated and will be removed; use {replacement} instead.",
-                  FutureWarning, stacklevel=4)  # the caller of embed_adata / embed_file
-    return mapped
 
 
 def embedding_metadata_key(key: str) -> str:
@@ -305,7 +290,7 @@ def embed_adata(
     seed: int | None = None,
     device: str | torch.device | None = None,
     precision: str = "auto",
-    autocast_dtype: torch.dtype | None = None,
+    drop_empty_cells: bool = False,
     key_added: str | None = None,
     progress: bool = True,
 ) -> np.ndarray:
@@ -326,17 +311,16 @@ def embed_adata(
         device: move the model there first (default: leave the model where it is).
         precision: `"auto"` (default: bf16 autocast where the device runs bf16 natively -- a CUDA GPU with bf16,
             a CPU with AVX512-BF16/AMX/Arm BF16 -- else fp32), `"fp32"` (plain float32, exact) or `"bf16"`
-            (bf16 autocast; on a CPU without native bf16 it is emulated and slower than fp32). bf16 and fp32
-            embeddings agree to a per-cell cosine of 1.0000 (median) and a kNN@10 overlap of 0.995; see
-            `resolve_precision` and `benchmarks/bench_precision.py`. The precision used is logged once.
-        autocast_dtype: deprecated (FutureWarning): `torch.bfloat16` means `precision="bf16"`, `torch.float32`
-            means `"fp32"`.
+            (bf16 autocast; on a CPU without native bf16 it is emulated and slower than fp32). See
+            `resolve_precision`. The precision used is logged once.
+        drop_empty_cells: cells without expression in any vocabulary gene get NaN rows (logged, and listed in the
+            metadata) instead of a `ValueError`.
         key_added: also store the result in `adata.obsm[key_added]` (e.g. `"X_panfoma"`) and what produced it
             (model, precision, device, genes per cell, ...) in `adata.uns[embedding_metadata_key(key_added)]`.
         progress: show a progress bar.
 
     Returns:
-        float32 array, one row per cell in input order.
+        float32 array, one row per cell in input order (NaN rows for cells dropped by `drop_empty_cells`).
 
     Example:
         >>> import numpy as np, panfoma
@@ -352,7 +336,7 @@ def embed_adata(
     """
     embeddings, metadata = _embed(model, processor, adata, batch_size=batch_size, all_genes=all_genes,
                                   max_genes=max_genes, layer=layer, gene_names=gene_names, seed=seed, device=device,
-                                  precision=precision, autocast_dtype=autocast_dtype, progress=progress)
+                                  precision=precision, drop_empty_cells=drop_empty_cells, progress=progress)
     if key_added is not None:
         adata.obsm[key_added] = embeddings
         adata.uns[embedding_metadata_key(key_added)] = {**metadata, "obsm_key": key_added}
@@ -361,22 +345,18 @@ def embed_adata(
 
 @torch.no_grad()
 def _embed(model, processor, adata, *, batch_size, all_genes, max_genes, layer, gene_names, seed, device,
-           precision, autocast_dtype, progress) -> tuple[np.ndarray, dict[str, Any]]:
+           precision, drop_empty_cells, progress) -> tuple[np.ndarray, dict[str, Any]]:
     """`embed_adata` without the AnnData write-back: `(embeddings, metadata of how they were made)`."""
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
-    if autocast_dtype is not None:
-        precision = _precision_from_autocast_dtype(autocast_dtype, precision)
-    else:
-        _check_precision(precision)  # before any work, whatever the model
+    _check_precision(precision)  # before any work, whatever the model
     processor.check_model_config(model.config)
     backbone = _backbone(model)
     if device is not None:
         backbone.to(resolve_device(device))
     parameter = next(backbone.parameters())
     target = parameter.device
-    # "fp16" only comes from the deprecated autocast_dtype=torch.float16; it is used as asked.
-    used = precision if precision == "fp16" else resolve_precision(precision, target, parameter.dtype)
+    used = resolve_precision(precision, target, parameter.dtype)
     autocast_dtype = _AUTOCAST_DTYPES[used] if parameter.dtype == torch.float32 else None
     autocast = torch.autocast(device_type=target.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
     logger.info("PanFoMa embed: %d cells on %s in %s%s (precision=%r)", adata.shape[0], target, used,
@@ -387,24 +367,27 @@ def _embed(model, processor, adata, *, batch_size, all_genes, max_genes, layer, 
     call_kwargs: dict[str, Any] = {"max_genes": None if all_genes else max_genes}
     n_cells = adata.shape[0]
     embeddings: np.ndarray | None = None
+    embedded = np.zeros(n_cells, dtype=bool)
     bar = tqdm(total=n_cells, desc="PanFoMa embed", unit="cell", disable=not progress)
     try:
         for batch in processor.iter_batches(adata, gene_names, layer=layer, batch_size=batch_size, seed=seed,
-                                            return_cell_index=True, progress=False, **call_kwargs):
+                                            drop_empty_cells=drop_empty_cells, return_cell_index=True,
+                                            progress=False, **call_kwargs):
             rows = batch.pop("cell_index").numpy()
             inputs = {k: v.to(target) for k, v in batch.items() if k in ("input_ids", "values", "attention_mask")}
             with autocast:
                 pooled = backbone(**inputs, return_dict=True).pooler_output  # (b, d)
             pooled = pooled.float().cpu().numpy()
             if embeddings is None:
-                embeddings = np.empty((n_cells, pooled.shape[1]), dtype=np.float32)
+                embeddings = np.full((n_cells, pooled.shape[1]), np.nan, dtype=np.float32)
             embeddings[rows] = pooled
+            embedded[rows] = True
             bar.update(len(rows))
     finally:
         bar.close()
         backbone.train(was_training)
     if embeddings is None:
-        raise ValueError("no cell was embedded (the input has no cells).")
+        raise ValueError("no cell was embedded: the input has no cells, or every cell is empty in the vocabulary genes.")
     from panfoma import __version__
 
     genes = call_kwargs["max_genes"]
@@ -416,7 +399,14 @@ def _embed(model, processor, adata, *, batch_size, all_genes, max_genes, layer, 
         "max_genes": "all" if genes is None else int(genes),
         "seed": int(processor.seed if seed is None else seed),
         "panfoma_version": __version__,
+        "n_dropped_cells": int((~embedded).sum()),
     }
+    if not embedded.all():
+        dropped = np.flatnonzero(~embedded)
+        names = adata.obs_names[dropped] if hasattr(adata, "obs_names") else dropped
+        metadata["dropped_cells"] = np.asarray(names).astype(str)
+        logger.warning("%d cell(s) without expression in vocabulary genes were not embedded (NaN rows), e.g. %s",
+                       dropped.size, list(metadata["dropped_cells"][:5]))
     return embeddings, metadata
 
 
@@ -457,7 +447,7 @@ def embed_file(
     gene_names: str | None = None,
     device: str | torch.device | None = None,
     precision: str = "auto",
-    autocast_dtype: torch.dtype | None = None,
+    drop_empty_cells: bool = False,
     key: str = EMBEDDING_KEY,
     overwrite: bool = False,
     progress: bool = True,
@@ -467,7 +457,8 @@ def embed_file(
     The input is never loaded into memory; the output is the input file plus the embedding (`output_h5ad` may be
     the input itself, then the embedding is added in place) and, in `uns[embedding_metadata_key(key)]` (default
     `uns["panfoma"]`), how it was made: `model`, `precision` actually used (`"fp32"` or `"bf16"`), `device`,
-    `max_genes`, `seed`, `panfoma_version`, `obsm_key`. `precision` defaults to `"auto"` (bf16 autocast where the
+    `max_genes`, `seed`, `panfoma_version`, `n_dropped_cells` (and `dropped_cells`, the obs names of cells left NaN
+    by `drop_empty_cells`), `obsm_key`. `precision` defaults to `"auto"` (bf16 autocast where the
     device supports bf16 natively, else fp32; see `resolve_precision`). Other arguments as in `embed_adata`.
 
     Example:
@@ -492,7 +483,7 @@ def embed_file(
             raise ValueError(f"--gene-names {gene_names!r} is not a column of var (columns: {list(adata.var.columns)}).")
         embedding, metadata = _embed(model, processor, adata, batch_size=batch_size, all_genes=all_genes,
                                      max_genes=max_genes, layer=layer, gene_names=gene_names, seed=None, device=None,
-                                     precision=precision, autocast_dtype=autocast_dtype, progress=progress)
+                                     precision=precision, drop_empty_cells=drop_empty_cells, progress=progress)
     finally:
         adata.file.close()
     target = output if in_place else output.with_name(f".{output.name}.partial-{os.getpid()}")

@@ -219,7 +219,7 @@ def test_embed_file_records_the_precision_in_uns(model_dir, cells, tmp_path):
     assert not np.array_equal(written.obsm["X_panfoma_bf16"], written.obsm["X_panfoma"])
 
 
-def test_bad_precision_is_refused_and_autocast_dtype_is_deprecated(model_dir, cells, tmp_path):
+def test_bad_precision_is_refused(model_dir, cells, tmp_path):
     import torch
 
     model, processor = load_model_and_processor(model_dir, device="cpu")
@@ -229,11 +229,27 @@ def test_bad_precision_is_refused_and_autocast_dtype_is_deprecated(model_dir, ce
     with pytest.raises(ValueError, match="precision must be one of"):
         embed_file(model_dir, cells[1], tmp_path / "o.h5ad", precision="half", progress=False)
     assert not (tmp_path / "o.h5ad").exists()
-    with pytest.warns(FutureWarning, match="precision='bf16'"):
-        old = embed_adata(model, processor, adata, autocast_dtype=torch.bfloat16, progress=False)
-    np.testing.assert_array_equal(old, embed_adata(model, processor, adata, precision="bf16", progress=False))
-    with pytest.raises(ValueError, match="not both"):
-        embed_adata(model, processor, adata, precision="fp32", autocast_dtype=torch.bfloat16, progress=False)
+    with pytest.raises(TypeError, match="autocast_dtype"):  # the pre-release keyword is gone, not shimmed
+        embed_adata(model, processor, adata, autocast_dtype=torch.bfloat16, progress=False)
     model.to(torch.bfloat16)  # bf16 parameters cannot give an fp32 forward: refused rather than mislabelled
     with pytest.raises(ValueError, match="parameters are torch.bfloat16"):
         embed_adata(model, processor, adata, precision="fp32", progress=False)
+
+
+def test_empty_cells_are_refused_or_left_nan_with_drop_empty_cells(model_dir, cells):
+    model, processor = load_model_and_processor(model_dir, device="cpu")
+    adata = cells[0][:10].copy()
+    X = adata.X.toarray()
+    X[3] = 0
+    adata.X = sp.csr_matrix(X)
+    with pytest.raises(ValueError, match=r"1 cell\(s\).*c3.*drop_empty_cells=True"):
+        embed_adata(model, processor, adata, precision="fp32", progress=False)
+    kept = [i for i in range(10) if i != 3]
+    dropped = embed_adata(model, processor, adata, precision="fp32", drop_empty_cells=True, batch_size=4,
+                          key_added="X_panfoma", progress=False)
+    assert np.isnan(dropped[3]).all()
+    # the other cells get exactly the embedding they get without the empty cell in the input
+    alone = embed_adata(model, processor, adata[kept].copy(), precision="fp32", batch_size=4, progress=False)
+    np.testing.assert_allclose(dropped[kept], alone, atol=1e-5)
+    meta = adata.uns["panfoma"]
+    assert meta["n_dropped_cells"] == 1 and list(meta["dropped_cells"]) == ["c3"]

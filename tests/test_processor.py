@@ -274,6 +274,21 @@ def test_empty_cells_raise_or_are_dropped(vocab, processor, caplog):
     # Each kept cell keeps the random stream of its input row, so compare with an order-free setting.
     ordered = PanFoMaGeneProcessor(shuffle_genes=False)
     assert_same(ordered(adata, drop_empty_cells=True), ordered(adata[kept].copy()))
+    # empty_cells finds the same cells beforehand, across read chunks: a cell expressing only a gene outside the
+    # vocabulary (row 4) is empty, and a stored zero is no expression.
+    X = adata.X.toarray()
+    X[4] = 0
+    outside = np.zeros((12, 1))
+    outside[4] = 7.0
+    matrix = sp.lil_matrix(np.c_[X, outside])
+    matrix[4, 0] = 1.0
+    matrix = matrix.tocsr()
+    row = slice(matrix.indptr[4], matrix.indptr[5])
+    matrix.data[row][matrix.indices[row] == 0] = 0.0  # stored, but zero
+    assert matrix[4].nnz == 2
+    names = [*adata.var_names, "NOT_A_GENE_XYZ"]
+    mask = PanFoMaGeneProcessor(chunk_size=5).empty_cells(matrix, gene_names=names)
+    assert np.flatnonzero(mask).tolist() == [2, 4, 9]
 
 
 def test_transposed_inputs_are_detected(vocab, processor):

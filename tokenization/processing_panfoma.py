@@ -19,7 +19,7 @@ Bad input, and what happens:
 * NaN / infinite / negative values: `ValueError` naming the first offending cell and gene;
 * cells with no expression in any vocabulary gene: `ValueError` by default (dropping them silently
   would misalign `adata.obs`); with `drop_empty_cells=True` they are dropped with a logged warning
-  and `return_cell_index=True` tells which rows remain;
+  and `return_cell_index=True` tells which rows remain (`empty_cells` finds them beforehand);
 * a transposed matrix (genes in `obs`): `ValueError` suggesting `adata.T`;
 * gene names that are not gene IDs (integers, placeholders) or too few matches: `ValueError` from the
   match report, naming the detected ID type;
@@ -423,6 +423,28 @@ class PanFoMaGeneProcessor(ValueIdsMixin, FeatureExtractionMixin):
                 "layer with layer='counts'."
             )
 
+    def empty_cells(self, adata_or_matrix: Any, gene_names: Any = None, *, layer: str | None = None) -> np.ndarray:
+        """Boolean mask of the cells without expression in any vocabulary gene (those `drop_empty_cells` drops).
+
+        Reads the rows in chunks, like `__call__`, and maps gene names the same way (so it refuses what the
+        encoding would refuse: too few matches, a transposed matrix).
+
+        Example:
+            >>> import numpy as np
+            >>> counts = np.array([[1.0, 0.0], [0.0, 0.0], [0.0, 2.0]])
+            >>> PanFoMaGeneProcessor().empty_cells(counts, gene_names=["CD3E", "ACTB"]).tolist()
+            [False, True, False]
+        """
+        matrix, names, adata = self._resolve_input(adata_or_matrix, gene_names, layer)
+        mapped_columns = np.flatnonzero(self.map_genes(names, adata).ids >= 0)
+        n_cells = matrix.shape[0]
+        empty = np.zeros(n_cells, dtype=bool)
+        for start in range(0, n_cells, self.chunk_size):
+            stop = min(start + self.chunk_size, n_cells)
+            block = self._read_rows(matrix, start, stop)[:, mapped_columns]
+            empty[start:stop] = np.asarray((block != 0).sum(axis=1)).ravel() == 0  # stored zeros are not expression
+        return empty
+
     def iter_batches(
         self,
         adata_or_matrix: Any,
@@ -501,7 +523,7 @@ class PanFoMaGeneProcessor(ValueIdsMixin, FeatureExtractionMixin):
                     raise ValueError(
                         f"{empty.sum()} cell(s) in rows {start}-{stop - 1} have no expression in any vocabulary gene "
                         f"(e.g. {label}). Remove them first (e.g. scanpy.pp.filter_cells(adata, min_genes=1)) or pass "
-                        "drop_empty_cells=True (use return_cell_index=True to see which rows are kept)."
+                        "drop_empty_cells=True (CLI: --drop-empty-cells) to drop them with a warning."
                     )
                 logger.warning("dropping %d cell(s) without expression in vocabulary genes (rows %d-%d)",
                                int(empty.sum()), start, stop - 1)

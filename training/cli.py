@@ -264,11 +264,18 @@ def _cmd_embed(args: argparse.Namespace) -> int:
 
         path = embed_file(args.model, source, args.output, batch_size=args.batch_size, all_genes=args.all_genes,
                           max_genes=args.max_genes, layer=args.layer, gene_names=args.gene_names, device=args.device,
-                          precision=args.precision, key=args.key, overwrite=args.overwrite)
+                          precision=args.precision, drop_empty_cells=args.drop_empty_cells, key=args.key,
+                          overwrite=args.overwrite)
     uns_key = embedding_metadata_key(args.key)
     with h5py.File(path, "r") as handle:  # report the precision really used (auto resolves per machine)
-        used = read_elem(handle["uns"][uns_key])["precision"]
-    _print(f"wrote obsm[{args.key!r}] ({used}) and uns[{uns_key!r}] to {path}")
+        metadata = read_elem(handle["uns"][uns_key])
+    lines = [f"wrote obsm[{args.key!r}] ({metadata['precision']}) and uns[{uns_key!r}] to {path}"]
+    if metadata.get("n_dropped_cells", 0):
+        dropped = [str(name) for name in metadata["dropped_cells"]]
+        lines.append(f"dropped {len(dropped)} cell(s) without expression in vocabulary genes (NaN rows in "
+                     f"obsm[{args.key!r}], listed in uns[{uns_key!r}]['dropped_cells']): "
+                     + ", ".join(dropped[:10]) + (" ..." if len(dropped) > 10 else ""))
+    _print("\n".join(lines))
     return 0
 
 
@@ -397,14 +404,17 @@ def _add_embed_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     precision = parser.add_mutually_exclusive_group()
     precision.add_argument(
-        "--precision", choices=("auto", "fp32", "bf16"), default="auto",  # = embed.PRECISIONS (torch-free import)
+        # The choices restate embed.PRECISIONS: importing that module imports torch, which --help must not.
+        "--precision", choices=("auto", "fp32", "bf16"), default="auto",
         help="auto (default): bf16 autocast where the device runs bf16 natively (CUDA GPUs with bf16; CPUs with "
-             "AVX512-BF16, AMX-BF16 or Arm BF16), fp32 elsewhere (emulated bf16 is slower than fp32). bf16 vs fp32 "
-             "embeddings: per-cell cosine median 1.0000, kNN@10 overlap 0.995, 1.45x faster on a 2-core AVX512-BF16 "
-             "CPU (benchmarks/bench_precision.py). fp32 is the exact float32 forward. The precision used is "
-             "recorded in uns")
+             "AVX512-BF16, AMX-BF16 or Arm BF16), fp32 elsewhere (emulated bf16 is slower than fp32); speed and "
+             "agreement with fp32 in benchmarks/bench_precision.py. fp32 is the exact float32 forward. The "
+             "precision used is recorded in uns")
     precision.add_argument("--bf16", dest="precision", action="store_const", const="bf16",
                            help="same as --precision bf16")
+    parser.add_argument("--drop-empty-cells", action="store_true",
+                        help="embed the other cells when some have no expression in any vocabulary gene (their rows "
+                             "are NaN and they are listed); without it such a cell stops the run")
     parser.add_argument("--key", default="X_panfoma", help="obsm key (default X_panfoma)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
 
