@@ -7,9 +7,8 @@ Measures, on one generated count study (CSR `.h5ad`, genes drawn from the PanFoM
   same file in the same row chunks (how fast the input can be read at all), and `anndata.read_h5ad`
   loading the file into memory (what a non-streaming builder would need at least);
 * loading throughput (cells/s) with `datasets.load_dataset` (first load incl. Parquet -> Arrow
-  conversion; iteration over the Arrow table; `streaming=True` iteration) and, when available, the
-  data collator (`PanFoMaDataCollator`) or else the encoding routine it wraps (`encode_cells` +
-  `pad_encoded`).
+  conversion; iteration over the Arrow table; `streaming=True` iteration) and the
+  data collator (`PanFoMaDataCollator`).
 
 Results go to `benchmarks/results/dataset.json`.
 
@@ -61,7 +60,7 @@ class _PeakRSS(threading.Thread):
 _BUILD_SCRIPT = _SAMPLER + """
 import json, sys, time
 from panfoma.tokenization.vocabulary import PanFoMaGeneVocab
-from panfoma.training.bench import build_bench, PanFoMaBenchStudy, PanFoMaBenchQCConfig
+from panfoma.data import build_bench, PanFoMaBenchStudy, PanFoMaBenchQCConfig
 # Libraries the builder imports lazily are imported first: the growth measured is the build's own.
 import anndata.io, datasets, h5py, pyarrow.parquet, scipy.sparse, tqdm.auto, yaml
 PanFoMaGeneVocab.from_default()
@@ -114,30 +113,11 @@ def _run_json(script: str, *args: str) -> dict:
 
 
 def _collate_fn():
-    """(name, callable(list of examples) -> batch): the project's collator if present, else its core."""
-    try:
-        from panfoma.training import PanFoMaDataCollator  # type: ignore[attr-defined]
+    """(name, callable(list of examples) -> batch): the training collator (masking on), 2,048 genes per cell."""
+    from panfoma.tokenization import PanFoMaDataCollator, PanFoMaGeneProcessor
 
-        return "PanFoMaDataCollator", PanFoMaDataCollator()
-    except ImportError:
-        pass
-    try:
-        from panfoma.training.data import PanFoMaDataCollator  # type: ignore[import-not-found]
-
-        return "PanFoMaDataCollator", PanFoMaDataCollator()
-    except (ImportError, TypeError):
-        pass
-    from panfoma.tokenization.encoding import encode_cells, pad_encoded
-
-    def collate(examples: list[dict]) -> dict:
-        lengths = [len(e["gene_ids"]) for e in examples]
-        indptr = np.concatenate([[0], np.cumsum(lengths)])
-        cells = encode_cells(indptr, np.concatenate([e["gene_ids"] for e in examples]),
-                             np.concatenate([e["counts"] for e in examples]), n_bins=51, max_genes=2048,
-                             rngs=[np.random.default_rng([0, e["idx"]]) for e in examples])
-        return pad_encoded(cells, value_pad_id=51)
-
-    return "encode_cells+pad_encoded (collator core; PanFoMaDataCollator not available)", collate
+    processor = PanFoMaGeneProcessor(n_bins=51, max_genes=2048)
+    return "PanFoMaDataCollator", PanFoMaDataCollator(processor, mlm=True, seed=0)
 
 
 def main() -> None:
@@ -156,7 +136,7 @@ def main() -> None:
 
     import datasets
     from panfoma.tokenization.vocabulary import PanFoMaGeneVocab
-    from panfoma.training.bench import write_synthetic_study
+    from panfoma.data.synthetic import write_synthetic_study
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="panfoma_bench_dataset_"))
     work.mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,7 @@ Usage (from the repository root; ~6 minutes of training on one CPU thread):
 
 Steps:
 
-1. A PanFoMaBench-style dataset is built with `panfoma.training.bench.build_bench` from EVERY real file in
+1. A PanFoMaBench-style dataset is built with `panfoma.data.build_bench` from EVERY real file in
    ../shared/data (8 studies, ~3.8k cells): the five cancer/ studies (cancer type and tissue read from each
    file's obs; patient = its `patient` column; cell types where the file has them), the PBMC 68k subset and the
    two PBMC CITE-seq files (healthy blood; patient = the file's `batch`, one donor per file). Output:
@@ -66,7 +66,7 @@ def study_rows(data_dir: Path):
     """One `PanFoMaBenchStudy` per real file; columns chosen from each file's obs (README of ../shared/data)."""
     import anndata as ad
 
-    from panfoma.training.bench import PanFoMaBenchStudy
+    from panfoma.data import PanFoMaBenchStudy
 
     licenses = {
         "colon_cancer_10x_infercnv": ("none stated", "broadinstitute/inferCNV_examples"),
@@ -148,7 +148,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    from panfoma.training.bench import PanFoMaBenchQCConfig, build_bench
+    from panfoma.data import PanFoMaBenchQCConfig, build_bench
     from panfoma.training.pretrain import load_pretraining_config, pretrain, read_metrics
 
     if not args.data_dir.is_dir():

@@ -7,7 +7,7 @@ Usage (from the repository root; the time budget is set by --steps, see the READ
 
 1. Corpus: every real file of ../shared/data EXCEPT the held-out ones: PBMC68k, the oligodendroglioma study and the
    CellBench Drop-seq cells (the CellBench CEL-seq2 cells stay in the corpus, without labels; pretraining never
-   reads a label). Built with `panfoma.training.bench.build_bench` into `<output-dir>/bench`.
+   reads a label). Built with `panfoma.data.build_bench` into `<output-dir>/bench`.
 2. Pretraining (`panfoma.training.pretrain.pretrain`, the package defaults for the objective) of a width-256 model
    with checkpoints at 25 / 50 / 75 / 100% of the steps.
 3. At 0% (the random-init control: the same seed's initial weights) and at every checkpoint, the frozen
@@ -185,7 +185,7 @@ def main(argv=None) -> int:
 
     from panfoma import PanFoMaForPreTraining
     from panfoma.tokenization import PanFoMaGeneProcessor
-    from panfoma.training.bench import PanFoMaBenchQCConfig, build_bench
+    from panfoma.data import PanFoMaBenchQCConfig, build_bench
     from panfoma.training.pretrain import load_pretraining_config, pretrain, read_metrics
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))

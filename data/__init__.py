@@ -5,3 +5,30 @@ built dataset (in memory or streamed, sharded per process), the one synthetic-da
 and benchmarks, and readers of external stores. The model (``panfoma``) and the gene tokenizer
 (``panfoma.tokenization``) know nothing about files; this package knows nothing about models.
 """
+
+from .builder import add_build_bench_arguments, build_bench, run_build_bench
+from .loading import REQUIRED_COLUMNS, concatenate_splits, load_bench, load_splits, with_unique_idx
+from .qc import PanFoMaBenchQCConfig
+from .splits import HELD_OUT_SPLIT, SPLITS
+from .studies import PanFoMaBenchStudy, read_study_table
+from .synthetic import SyntheticCohort, synthetic_adata, write_synthetic_dataset, write_synthetic_study
+
+__all__ = [
+    "HELD_OUT_SPLIT",
+    "PanFoMaBenchQCConfig",
+    "PanFoMaBenchStudy",
+    "REQUIRED_COLUMNS",
+    "SPLITS",
+    "SyntheticCohort",
+    "add_build_bench_arguments",
+    "build_bench",
+    "concatenate_splits",
+    "load_bench",
+    "load_splits",
+    "read_study_table",
+    "run_build_bench",
+    "synthetic_adata",
+    "with_unique_idx",
+    "write_synthetic_dataset",
+    "write_synthetic_study",
+]

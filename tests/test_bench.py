@@ -1,4 +1,4 @@
-"""Tests of the PanFoMaBench builder (training/bench.py).
+"""Tests of the PanFoMaBench builder (panfoma.data: studies, reader, qc, splits, writer, card, builder).
 
 The main fixture builds a real mini PanFoMaBench from the five studies in ../shared/data/cancer
 (hg19 symbols, GRCh38 symbols, Ensembl IDs, one non-integer Smart-seq2 study); expected values are
@@ -26,8 +26,8 @@ datasets = pytest.importorskip("datasets")
 pq = pytest.importorskip("pyarrow.parquet")
 
 from panfoma.tokenization.vocabulary import PanFoMaGeneVocab  # noqa: E402
-from panfoma.training import bench  # noqa: E402
-from panfoma.training.bench import (  # noqa: E402
+from panfoma.data import (  # noqa: E402
+    SPLITS,
     PanFoMaBenchQCConfig,
     PanFoMaBenchStudy,
     add_build_bench_arguments,
@@ -37,6 +37,7 @@ from panfoma.training.bench import (  # noqa: E402
     run_build_bench,
     write_synthetic_study,
 )
+from panfoma.data.writer import SplitWriter  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cancer"
 FILES = {
@@ -88,7 +89,7 @@ def real_tables(real_bench):
     """Every split of the real build, read straight from Parquet (pandas frames)."""
     _, out = real_bench
     return {split: pq.read_table(sorted((out / "data").glob(f"{split}-*.parquet"))).to_pandas()
-            for split in bench.SPLITS}
+            for split in SPLITS}
 
 
 @pytest.fixture(scope="module")
@@ -102,8 +103,8 @@ def test_real_bench_loads_with_load_dataset_normal_and_streaming(real_bench, rea
     cache = tmp_path / "hf_cache"  # a private cache: no cross-talk with other builds named the same
     monkeypatch.chdir(out.parent)
     ds = datasets.load_dataset("panfomabench", cache_dir=str(cache))  # bare name, folder in the CWD
-    assert set(ds) == set(bench.SPLITS)
-    for split in bench.SPLITS:
+    assert set(ds) == set(SPLITS)
+    for split in SPLITS:
         assert ds[split].num_rows == len(real_tables[split]) > 0
     features = ds["train"].features
     for column in ("cancer_type", "tissue", "cell_type"):
@@ -116,15 +117,19 @@ def test_real_bench_loads_with_load_dataset_normal_and_streaming(real_bench, rea
     assert features["counts"] == datasets.List(datasets.Value("float32"))
 
     streamed = datasets.load_dataset(str(out), streaming=True)
-    for split in bench.SPLITS:
+    for split in SPLITS:
         rows = list(streamed[split])
         assert len(rows) == ds[split].num_rows
         assert [r["cell_id"] for r in rows] == ds[split]["cell_id"]
     assert isinstance(streamed["test"].features["cell_type"], datasets.ClassLabel)
 
+    # `idx` is unique over all splits (the collator seeds from it), in input order within a split.
+    every_idx = np.concatenate([frame["idx"].to_numpy() for frame in real_tables.values()])
+    assert np.unique(every_idx).size == every_idx.size
+    assert all(np.all(np.diff(frame["idx"].to_numpy()) > 0) for frame in real_tables.values())
+
     # The schema the collator relies on, row by row.
     for split, frame in real_tables.items():
-        assert frame["idx"].tolist() == list(range(len(frame)))
         assert frame["cell_id"].is_unique
         for ids, counts, n_genes, n_counts in zip(frame["gene_ids"], frame["counts"], frame["n_genes"],
                                                   frame["n_counts"]):
@@ -276,7 +281,7 @@ def test_interrupted_build_leaves_no_output(tmp_path, vocab, monkeypatch):
     studies = _small_studies(tmp_path, vocab)
     out = tmp_path / "panfomabench"
     calls = {"n": 0}
-    original = bench._SplitWriter.write
+    original = SplitWriter.write
 
     def failing_write(self, table):
         calls["n"] += 1
@@ -284,7 +289,7 @@ def test_interrupted_build_leaves_no_output(tmp_path, vocab, monkeypatch):
             raise RuntimeError("simulated crash mid-write")
         return original(self, table)
 
-    monkeypatch.setattr(bench._SplitWriter, "write", failing_write)
+    monkeypatch.setattr(SplitWriter, "write", failing_write)
     with pytest.raises(RuntimeError, match="simulated crash"):
         build_bench(studies, out, qc=SMALL_QC, row_group_size=50, chunk_size=64)
     assert calls["n"] == 3
@@ -292,11 +297,11 @@ def test_interrupted_build_leaves_no_output(tmp_path, vocab, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s0.h5ad", "s1.h5ad"]
 
     # A crash while replacing an existing build keeps the old build intact.
-    monkeypatch.setattr(bench._SplitWriter, "write", original)
+    monkeypatch.setattr(SplitWriter, "write", original)
     build_bench(studies, out, qc=SMALL_QC)
     before = _file_digests(out)
     calls["n"] = 0
-    monkeypatch.setattr(bench._SplitWriter, "write", failing_write)
+    monkeypatch.setattr(SplitWriter, "write", failing_write)
     with pytest.raises(RuntimeError):
         build_bench(studies, out, qc=SMALL_QC, overwrite=True, row_group_size=50, chunk_size=64)
     assert _file_digests(out) == before
@@ -318,7 +323,7 @@ def test_dense_matrix_layer_and_gene_column_give_the_same_cells(tmp_path, vocab)
     study = PanFoMaBenchStudy(name=plain.name, path=str(tmp_path / "variant.h5ad"), cancer_type=plain.cancer_type,
                               tissue=plain.tissue, cell_type_column="cell_type", layer="counts", gene_column="symbol")
     out = build_bench([study], tmp_path / "variant", qc=SMALL_QC)
-    for split in bench.SPLITS:
+    for split in SPLITS:
         expected = pq.read_table(sorted((reference / "data").glob(f"{split}-*.parquet")))
         got = pq.read_table(sorted((out / "data").glob(f"{split}-*.parquet")))
         assert got.equals(expected), split
@@ -393,13 +398,13 @@ def test_held_out_study_split_and_cli(tmp_path, vocab):
     ds = load_bench(tmp_path / "bench", cache_dir=str(tmp_path / "c"))
     assert set(ds) == {"train", "validation", "test", "held_out_study"}
     assert set(ds["held_out_study"]["study"]) == {"syn2"}
-    assert not {"syn2"} & set().union(*(set(ds[s]["study"]) for s in bench.SPLITS))
+    assert not {"syn2"} & set().union(*(set(ds[s]["study"]) for s in SPLITS))
     report = json.loads((tmp_path / "bench" / "qc_report.json").read_text())
     assert ds["held_out_study"].num_rows == report["studies"]["syn2"]["cells_out"]
     assert report["params"]["seed"] == 3 and report["params"]["qc"]["min_genes"] == 20
 
-    # `python -m panfoma.training.bench` is wired to the same parser.
-    result = subprocess.run([sys.executable, "-m", "panfoma.training.bench", "--help"], capture_output=True,
+    # `python -m panfoma.data.builder` is wired to the same parser.
+    result = subprocess.run([sys.executable, "-m", "panfoma.data.builder", "--help"], capture_output=True,
                             text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "--held-out-study" in result.stdout and "--max-mito-fraction" in result.stdout
@@ -411,8 +416,8 @@ def test_seed_changes_patient_assignment_not_content(tmp_path, vocab):
     assignments = []
     for out in outs:
         info = json.loads((out / "studies.json").read_text())
-        assignments.append(tuple(tuple(info["splits"][s]["patients"]) for s in bench.SPLITS))
-        assert sum(info["splits"][s]["cells"] for s in bench.SPLITS) == info["studies"][0]["cells_out"]
+        assignments.append(tuple(tuple(info["splits"][s]["patients"]) for s in SPLITS))
+        assert sum(info["splits"][s]["cells"] for s in SPLITS) == info["studies"][0]["cells_out"]
     assert len(set(assignments)) > 1
 
 
@@ -462,7 +467,7 @@ from bench_dataset import _SAMPLER  # noqa: E402
 
 _RSS_SCRIPT = _SAMPLER + """
 import json, sys
-from panfoma.training.bench import build_bench, PanFoMaBenchStudy, PanFoMaBenchQCConfig
+from panfoma.data.builder import build_bench, PanFoMaBenchStudy, PanFoMaBenchQCConfig
 from panfoma.tokenization.vocabulary import PanFoMaGeneVocab
 PanFoMaGeneVocab.from_default()
 sampler = _PeakRSS()

@@ -121,9 +121,8 @@ def test_finetune_on_real_single_donor_pbmc_reports_the_saved_models_test_metric
     from transformers import AutoModelForSequenceClassification
 
     from panfoma.tokenization import PanFoMaDataCollator, PanFoMaGeneProcessor
-    from panfoma.training.bench import PanFoMaBenchQCConfig, PanFoMaBenchStudy, build_bench
+    from panfoma.data import PanFoMaBenchQCConfig, PanFoMaBenchStudy, build_bench, load_bench
     from panfoma.evaluation.metrics import classification_metrics
-    from panfoma.training.finetune import _load_dataset_dict
 
     study = PanFoMaBenchStudy(name="pbmc", path=str(shared_data / "pbmc" / "pbmc68k_reduced_counts.h5ad"),
                               cancer_type="healthy", tissue="blood", cell_type_column="cell_type")
@@ -135,7 +134,7 @@ def test_finetune_on_real_single_donor_pbmc_reports_the_saved_models_test_metric
     model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "classifier").eval()
     assert model.config.id2label[9] == result.label_names[9] and model.config.num_labels == 10
     # The reported test metrics are those of the saved model on the held-out cells (every expressed gene).
-    splits, _ = prepare_splits(_load_dataset_dict(bench), "cell_type", "cell", seed=0)
+    splits, _ = prepare_splits(load_bench(bench), "cell_type", "cell", seed=0)
     processor = PanFoMaGeneProcessor.from_pretrained(tmp_path / "classifier")
     batch = PanFoMaDataCollator(processor, mlm=False, label_column="cell_type", max_genes=None)(list(splits["test"]))
     with torch.no_grad():

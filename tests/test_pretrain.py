@@ -18,11 +18,11 @@ from panfoma.training.pretrain import (
     CHECKPOINT_DIR,
     find_latest_checkpoint,
     load_pretraining_config,
-    load_splits,
     parameter_groups,
     pretrain,
     read_metrics,
 )
+from panfoma.data.loading import load_splits
 from training_helpers import write_tiny_dataset
 
 

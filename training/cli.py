@@ -281,7 +281,7 @@ def _cmd_embed(args: argparse.Namespace) -> int:
 
 def _cmd_build_bench(args: argparse.Namespace) -> int:
     _import_library()
-    from .bench import run_build_bench
+    from panfoma.data.builder import run_build_bench
 
     return run_build_bench(args)
 
@@ -438,7 +438,7 @@ _COMMANDS: dict[str, _Command] = {
                          "add_finetune_arguments", _cmd_finetune, atomic_output=False),
     "embed": _Command("write cell embeddings (obsm['X_panfoma']) into an .h5ad", None, "_add_embed_arguments",
                       _cmd_embed),
-    "build-bench": _Command("build a PanFoMaBench-style dataset from .h5ad studies", ".bench",
+    "build-bench": _Command("build a PanFoMaBench-style dataset from .h5ad studies", "panfoma.data.builder",
                             "add_build_bench_arguments", _cmd_build_bench),
     "evaluate": _Command("evaluate embeddings on the paper's tasks against baselines", "panfoma.evaluation.command",
                          "add_evaluate_arguments", _cmd_evaluate),

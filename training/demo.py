@@ -251,9 +251,9 @@ def run_demo(output_dir: str | os.PathLike = "panfoma-demo", *, size: str = "def
     import torch
     from sklearn.linear_model import LogisticRegression
 
-    from .bench import PanFoMaBenchQCConfig, PanFoMaBenchStudy, build_bench
+    from panfoma.data import PanFoMaBenchQCConfig, PanFoMaBenchStudy, build_bench, load_bench
     from ..inference.embed import embed_adata, load_model_and_processor
-    from .finetune import finetune, prepare_splits, _load_dataset_dict
+    from .finetune import finetune, prepare_splits
     from .pretrain import load_pretraining_config, pretrain
 
     if size not in SIZES:
@@ -304,7 +304,7 @@ def run_demo(output_dir: str | os.PathLike = "panfoma-demo", *, size: str = "def
     model_dir = out / "model"
     # The demo's split is made once here and passed to `finetune` by the same rule (seed), so the baseline
     # below sees exactly the cells the classifier saw.
-    splits, label_names = prepare_splits(_load_dataset_dict(dataset_dir), "cell_type", split_by, seed=seed)
+    splits, label_names = prepare_splits(load_bench(dataset_dir), "cell_type", split_by, seed=seed)
     result = finetune(pretrained, dataset_dir, model_dir, label_column="cell_type", split_by=split_by,
                       num_train_epochs=plan.finetune_epochs, max_steps=plan.finetune_max_steps,
                       per_device_train_batch_size=plan.batch_size, seed=seed,  # the package's recipe otherwise

@@ -58,6 +58,8 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
+from panfoma.data.loading import check_dataset_vocabulary, load_bench, with_unique_idx
+
 if TYPE_CHECKING:  # imported when a Trainer is built: `panfoma finetune --help` needs no torch
     from .trainer import PanFoMaTrainer
 
@@ -150,22 +152,6 @@ def _n_patients(datasets_: Sequence, patient_column: str) -> int | None:
     return len(set().union(*(set(ds.unique(patient_column)) for ds in datasets_)))
 
 
-def _with_unique_idx(dataset):
-    """`dataset` with a unique `idx` (renumbered 0..n-1 when values repeat, e.g. after concatenating splits).
-
-    The data collator seeds each cell's randomness from `(seed, epoch, idx)`: repeated `idx` values would give
-    different cells the same gene sample and mask stream.
-    """
-    if "idx" not in dataset.column_names:
-        return dataset
-    idx = np.asarray(dataset["idx"])
-    if np.unique(idx).size == idx.size:
-        return dataset
-    logger.info("idx repeats after concatenating splits (%d values for %d cells): renumbered 0..%d",
-                np.unique(idx).size, idx.size, idx.size - 1)
-    return dataset.remove_columns("idx").add_column("idx", np.arange(idx.size, dtype=np.int64))
-
-
 def prepare_splits(dataset_dict, label_column: str = "cell_type", split_by: str = "dataset",
                    patient_column: str = "patient", fractions: Sequence[float] = (0.7, 0.15, 0.15),
                    seed: int = 0) -> tuple[dict, list[str]]:
@@ -216,7 +202,7 @@ def prepare_splits(dataset_dict, label_column: str = "cell_type", split_by: str 
             splits = {s: known(dataset_dict[s]) if s in dataset_dict else None for s in ("train", "validation", "test")}
             return splits, names
 
-    everything = _with_unique_idx(known(datasets.concatenate_datasets(list(dataset_dict.values()))))
+    everything = with_unique_idx(known(datasets.concatenate_datasets(list(dataset_dict.values()))))
     labels = np.asarray(everything[label_column])
     if len(fractions) != 3 or not np.isclose(sum(fractions), 1.0) or min(fractions) <= 0:
         raise ValueError(f"fractions must be three positive numbers summing to 1, got {list(fractions)}.")
@@ -432,9 +418,9 @@ def finetune(
         `FinetuneResult` with validation and test (when there is a test split) accuracy and macro-F1.
     """
     from ..inference.embed import is_preset_name
-    from .pretrain import check_dataset_vocabulary, save_pretrained_with_card
+    from .pretrain import save_pretrained_with_card
 
-    dataset_dict = _load_dataset_dict(dataset)
+    dataset_dict = load_bench(dataset)
     splits, label_names = prepare_splits(dataset_dict, label_column, split_by, patient_column, seed=seed)
     model, processor = load_classifier(model_name_or_path, label_names, seed=seed)
     check_dataset_vocabulary(dataset, processor)
@@ -473,19 +459,6 @@ def finetune(
 
 def _fmt(metrics: dict | None) -> str:
     return ", ".join(f"{k}={metrics[k]:.4f}" for k in ("accuracy", "macro_f1") if k in (metrics or {}))
-
-
-def _load_dataset_dict(path: str | os.PathLike):
-    import datasets
-
-    folder = Path(path).expanduser().resolve()
-    if not folder.is_dir():
-        raise FileNotFoundError(f"dataset folder {folder} does not exist; build one with `panfoma build-bench`.")
-    if (folder / "studies.json").is_file():
-        from .bench import load_bench
-
-        return load_bench(folder)
-    return datasets.load_dataset(str(folder))
 
 
 # ---------------------------------------------------------------------------------------------- CLI

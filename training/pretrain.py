@@ -61,6 +61,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from panfoma.data.loading import available_splits, check_dataset_vocabulary, load_splits
+
 from .optim import parameter_groups  # the one weight-decay policy, shared with fine-tuning
 from .shortcut_floors import ShortcutFloors
 
@@ -77,8 +79,6 @@ EXPLICIT_NONE = "__none__"
 LOSS_TERMS = ("mvm_loss", "mse_loss", "mvc_loss")
 #: Training batches whose masked targets give the per-gene statistics of the shortcut floors.
 FLOOR_FIT_BATCHES = 50
-#: Columns a pretraining dataset must have (PanFoMaBench layout; `panfoma build-bench` writes them).
-REQUIRED_COLUMNS = ("idx", "gene_ids", "counts")
 
 
 # ---------------------------------------------------------------------------------------------- config
@@ -242,73 +242,6 @@ def load_pretraining_config(config: str | os.PathLike | None = None, **overrides
 
 
 # ---------------------------------------------------------------------------------------------- data
-def check_pretraining_dataset(dataset: Any, where: str) -> None:
-    """Refuse a dataset split without the columns pretraining reads (`idx`, `gene_ids`, `counts`)."""
-    columns = list(dataset.column_names or []) if getattr(dataset, "column_names", None) is not None else []
-    if not columns and getattr(dataset, "features", None) is not None:
-        columns = list(dataset.features)
-    missing = [c for c in REQUIRED_COLUMNS if c not in columns]
-    if missing:
-        raise ValueError(
-            f"{where} lacks the column(s) {missing} (it has {columns}). Pretraining needs one row per cell with "
-            "`idx` (int), `gene_ids` (vocabulary token ids) and `counts`; build such a dataset from .h5ad files "
-            "with `panfoma build-bench` (panfoma.training.bench.build_bench)."
-        )
-
-
-def load_splits(path: str | os.PathLike, splits: Sequence[str], streaming: bool = False) -> dict[str, Any]:
-    """Load named splits of a PanFoMaBench-style folder; check their columns and the vocabulary hash.
-
-    Returns a dict split -> `datasets.Dataset` (or `IterableDataset` when streaming), with only the columns
-    the collator reads. A split that does not exist raises `ValueError` listing the ones that do.
-    """
-    import datasets
-
-    folder = Path(path).expanduser().resolve()
-    if not folder.is_dir():
-        raise FileNotFoundError(f"dataset folder {folder} does not exist; build one with `panfoma build-bench`.")
-    if (folder / "studies.json").is_file():
-        from .bench import load_bench
-
-        everything = load_bench(folder, streaming=streaming)
-    else:
-        everything = datasets.load_dataset(str(folder), streaming=streaming)
-    out = {}
-    for split in splits:
-        if split not in everything:
-            raise ValueError(f"{folder} has no split {split!r}; available: {sorted(everything)}.")
-        part = everything[split]
-        check_pretraining_dataset(part, f"split {split!r} of {folder}")
-        out[split] = part.select_columns(list(REQUIRED_COLUMNS))
-    return out
-
-
-def available_splits(path: str | os.PathLike) -> list[str]:
-    """Split names of a dataset folder (read from its metadata, without loading the data)."""
-    import datasets
-
-    return list(datasets.get_dataset_split_names(str(Path(path).expanduser().resolve())))
-
-
-def dataset_vocab_hash(path: str | os.PathLike) -> str | None:
-    """The vocabulary hash a PanFoMaBench folder was tokenised with (`studies.json`), or None."""
-    info = Path(path).expanduser() / "studies.json"
-    if not info.is_file():
-        return None
-    return json.loads(info.read_text(encoding="utf-8")).get("vocab_hash")
-
-
-def check_dataset_vocabulary(path: str | os.PathLike, processor: Any) -> None:
-    """Refuse a dataset whose token ids come from another gene vocabulary than the processor's."""
-    data_hash = dataset_vocab_hash(path)
-    if data_hash is not None and data_hash != processor.vocab_hash:
-        raise ValueError(
-            f"vocabulary mismatch: the dataset {path} was tokenised with gene vocabulary {data_hash}, the "
-            f"processor/model use {processor.vocab_hash}; its gene ids would point at the wrong genes. Rebuild the "
-            "dataset with the model's vocabulary, or pretrain from scratch with the dataset's vocabulary."
-        )
-
-
 def _collator_class():
     try:
         from panfoma.tokenization import PanFoMaDataCollator
@@ -886,12 +819,9 @@ __all__ = [
     "PretrainingRun",
     "add_pretrain_arguments",
     "build_model_and_processor",
-    "check_dataset_vocabulary",
-    "check_pretraining_dataset",
     "config_from_args",
     "find_latest_checkpoint",
     "load_pretraining_config",
-    "load_splits",
     "make_collator",
     "parameter_groups",
     "preset_config_path",
