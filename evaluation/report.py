@@ -2,7 +2,8 @@
 
 Owns the report layout: ``tracks.<track>.summary.<metric>.mean`` (and ``.sd``, ``.values``) in
 ``eval_<task>.json``, the same numbers as a Markdown table in ``eval_<task>.md``, and optional matplotlib plots
-(metric bars, NMI over clustering resolution, confusion matrices of the first seed).
+(metric bars, NMI over clustering resolution, confusion matrices of the first seed with counts and a colour bar,
+`draw_confusion`, also used by `panfoma demo`).
 """
 
 from __future__ import annotations
@@ -42,6 +43,10 @@ def _markdown(report: dict) -> str:
     lines.append("## Data")
     for key, value in report["data"].items():
         lines.append(f"- **{key}**: {value}")
+    if report["data"].get("mode") == "transfer":
+        unseen = report["data"].get("unseen_query_types") or {}
+        lines.append("- **query types absent from the reference** (their cells cannot be labelled correctly and "
+                     "count as errors): " + (", ".join(f"{t} ({n} cells)" for t, n in unseen.items()) or "none"))
     lines += ["", "## Protocol"]
     for key, value in report["protocol"].items():
         lines.append(f"- **{key}**: {value}")
@@ -78,6 +83,38 @@ def _markdown(report: dict) -> str:
     if report.get("command"):
         lines += ["", "## Command", "", f"`{report['command']}`"]
     return "\n".join(lines) + "\n"
+
+
+def draw_confusion(ax, table: pd.DataFrame, title: str) -> None:
+    """Draw a confusion matrix on a matplotlib `ax`: rows are the true types, columns the predicted ones (the union of
+    both, so the diagonal is the correct calls); each cell shows its number of cells and is coloured by its share of
+    the row (the diagonal is each type's recall), with a colour bar.
+
+    Example:
+        >>> import matplotlib; matplotlib.use("Agg"); import matplotlib.pyplot as plt
+        >>> fig, ax = plt.subplots()
+        >>> draw_confusion(ax, pd.DataFrame({"B": {"B": 8, "T": 1}, "T": {"T": 5}}), "probe")
+        >>> [t.get_text() for t in ax.texts]
+        ['8', '0', '1', '5']
+    """
+    labels = sorted(table.index.union(table.columns), key=str)
+    counts = table.reindex(index=labels, columns=labels).fillna(0).to_numpy(dtype=float)
+    shares = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    image = ax.imshow(shares, cmap="Blues", vmin=0.0, vmax=1.0)
+    size = 8 if len(labels) <= 12 else 6
+    for i in range(len(labels)):
+        for j in range(len(labels)):
+            ax.text(j, i, f"{counts[i, j]:.0f}", ha="center", va="center", fontsize=size,
+                    color="white" if shares[i, j] > 0.6 else "black")
+    ax.set_xticks(range(len(labels)))
+    ax.set_xticklabels(labels, rotation=60, ha="right", fontsize=size)
+    ax.set_yticks(range(len(labels)))
+    ax.set_yticklabels(labels, fontsize=size)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title, fontsize=9)
+    bar = ax.figure.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    bar.set_label("share of the true type's cells", fontsize=size)
 
 
 def _plot(report: dict, out: Path) -> list[str]:
@@ -120,16 +157,10 @@ def _plot(report: dict, out: Path) -> list[str]:
         plt.close(fig)
         written.append(path.name)
     for name, table in (report.get("confusion_first_seed") or {}).items():
-        frame = pd.DataFrame(table).fillna(0)
-        fig, ax = plt.subplots(figsize=(1 + 0.45 * frame.shape[1], 1 + 0.4 * frame.shape[0]))
-        ax.imshow(frame.to_numpy(dtype=float), cmap="Blues")
-        ax.set_xticks(range(frame.shape[1]))
-        ax.set_xticklabels(frame.columns, rotation=60, ha="right", fontsize=6)
-        ax.set_yticks(range(frame.shape[0]))
-        ax.set_yticklabels(frame.index, fontsize=6)
-        ax.set_xlabel("predicted")
-        ax.set_ylabel("true")
-        ax.set_title(f"{name} (seed {report['protocol']['seeds'][0]})", fontsize=8)
+        frame = pd.DataFrame(table).fillna(0)  # {predicted: {true: count}} -> rows true, columns predicted
+        side = len(frame.index.union(frame.columns))
+        fig, ax = plt.subplots(figsize=(2.5 + 0.5 * side, 1.5 + 0.45 * side))
+        draw_confusion(ax, frame, f"{name} (seed {report['protocol']['seeds'][0]})")
         fig.tight_layout()
         path = out / f"eval_{report['task']}_confusion_{name}.png"
         fig.savefig(path, dpi=110)
@@ -151,4 +182,4 @@ def write_report(report: dict, output_dir: str | Path, plots: bool = True) -> Pa
     return json_path
 
 
-__all__ = ["write_report"]
+__all__ = ["draw_confusion", "write_report"]
