@@ -3,18 +3,33 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import pytest
 
 
-def test_quick_demo_on_generated_cohort(tmp_path):
+def test_quick_demo_on_generated_cohort(tmp_path, caplog):
     from transformers import AutoModel, AutoModelForSequenceClassification
 
     from panfoma.training.demo import format_summary, run_demo
 
-    result = run_demo(tmp_path / "demo", size="quick", source="synthetic", progress=False)
+    with caplog.at_level(logging.INFO, logger="panfoma.training.demo"):
+        result = run_demo(tmp_path / "demo", size="quick", source="synthetic", progress=False)
+    stages = [r.getMessage() for r in caplog.records if r.getMessage().startswith("stage ")]
+    assert [m.split(":")[0] for m in stages] == [f"stage {n} of 5" for n in range(1, 6)]
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
+    # Outputs stay out of version control wherever the folder is, and the model folder holds the final model only.
+    assert (tmp_path / "demo" / ".gitignore").read_text().splitlines()[-1] == "*"
+    assert not list(result.model_dir.glob("checkpoint-*"))
+    # One confusion matrix per track over the test cells; the fine-tuned one (labels predicted again through the
+    # classifier route) agrees with the Trainer's test score up to bf16-vs-fp32 rounding of at most one cell.
+    n_test = summary["cells"]["test"]
+    assert result.confusion_plot.is_file() and result.confusion_plot.name == "confusion.png"
+    for track, table in summary["confusion"].items():
+        assert sum(n for column in table.values() for n in column.values()) == n_test, track
+        correct = sum(column.get(predicted, 0) for predicted, column in table.items())
+        assert abs(correct / n_test - summary["test"][track]["accuracy"]) <= 1 / n_test + 1e-9, track
     assert summary["source"] == "synthetic" and summary["split"] == "patient"
     for track in ("panfoma_finetuned", "panfoma_linear_probe", "pca_logreg_baseline"):
         assert 0.0 <= summary["test"][track]["accuracy"] <= 1.0 and 0.0 <= summary["test"][track]["macro_f1"] <= 1.0

@@ -51,6 +51,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -453,6 +454,8 @@ def finetune(
         final_model = merge_lora(final_model)
     save_pretrained_with_card(final_model, processor, output_dir, training_data=dataset, metrics=card_metrics,
                               base_model=base)
+    for checkpoint in Path(output_dir).glob("checkpoint-*"):  # the Trainer's saves; the best one is now the model
+        shutil.rmtree(checkpoint)
     logger.info("validation: %s; test: %s", _fmt(validation), _fmt(test) if test else "no test split")
     return FinetuneResult(Path(output_dir), validation, test, label_names)
 

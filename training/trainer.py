@@ -81,9 +81,10 @@ class PanFoMaTrainer(Trainer):
             optimizer.step()
             optimizer.zero_grad()
         model.train(was_training)
+        final_loss = loss.item()  # float() of a tensor that requires grad warns
         logger.info("classifier head warm-started on %d frozen cell embeddings: %d steps, loss %.4f", len(y),
-                    self.head_warmup_steps, float(loss))
-        return float(loss)
+                    self.head_warmup_steps, final_loss)
+        return final_loss
 
     def create_optimizer(self, model=None):
         """The optimiser, with `optim.parameter_groups` (see class docstring); built once."""
