@@ -30,6 +30,12 @@ from .tasks import (
 logger = logging.getLogger(__name__)
 
 TASKS = ("pancancer", "annotation", "integration", "gene_programs", "multiomic")
+#: The stages of a run, in order; progress messages number them ("stage 3 of 4: ...").
+STAGES = ("read", "model", "task", "report")
+
+
+def _stage(number: int, text: str) -> None:
+    logger.info("stage %d of %d: %s", number, len(STAGES), text)
 
 
 def add_evaluate_arguments(parser) -> None:
@@ -165,7 +171,9 @@ def run_evaluate(args) -> dict:
     wants_finetune = getattr(args, "finetune", False)
     if wants_finetune and not getattr(args, "model", None):
         raise ValueError("--finetune needs --model (the checkpoint or preset to fine-tune).")
+    _stage(1, f"reading {', '.join(args.data)}")
     adata = _read_inputs(args.data, args.study_from_file, args.standardize_genes)
+    _stage(2, f"loading {args.model}" if getattr(args, "model", None) else "preparing the embedding")
     embed_fn = gene_fn = None
     tracks_kwargs: dict = {}
     notes: list[str] = []
@@ -196,6 +204,7 @@ def run_evaluate(args) -> dict:
     if args.seeds:
         kwargs["seeds"] = args.seeds
     command = "panfoma " + " ".join(sys.argv[1:]) if sys.argv and "evaluate" in sys.argv else f"panfoma evaluate {args.task}"
+    _stage(3, f"{args.task}: embedding the cells, fitting the tracks and baselines over the seeds")
     if args.task == "pancancer":
         report = evaluate_pancancer(adata, embed_fn, model_name=model_name, label_key=args.label_key, patient_key=args.patient_key,
                                     study_key=args.study_key or None, group_by=args.group_by, n_splits=args.n_splits,
@@ -244,6 +253,7 @@ def run_evaluate(args) -> dict:
     report["command"] = command
     if notes or drop_notes:
         report.setdefault("notes", [])[:0] = notes + drop_notes
+    _stage(4, f"writing the report to {args.output_dir}")
     write_report(report, args.output_dir)
     return report
 

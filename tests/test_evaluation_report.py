@@ -58,3 +58,23 @@ def test_transfer_report_names_the_query_types_absent_from_the_reference(shared_
            f"errors): H1975 ({held_out} cells)" in markdown
     plots = sorted(p.name for p in tmp_path.glob("eval_annotation_confusion_*.png"))
     assert "eval_annotation_confusion_baseline_pca_hvg.png" in plots
+
+
+def test_evaluate_announces_its_stages(shared_data, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    import anndata as ad
+
+    pbmc = ad.read_h5ad(shared_data / "pbmc" / "pbmc68k_reduced_counts.h5ad")
+    pbmc[np.sort(np.random.default_rng(0).choice(pbmc.n_obs, 300, replace=False))].copy().write_h5ad(tmp_path / "c.h5ad")
+    command = [sys.executable, "-m", "panfoma.training.cli", "evaluate", "annotation", str(tmp_path / "c.h5ad"),
+               "--random-projection-control", "--output-dir", str(tmp_path / "eval"), "--seeds", "0"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    stages = [line.split("panfoma.evaluation.command: ", 1)[1] for line in done.stderr.splitlines()
+              if "panfoma.evaluation.command: stage " in line]
+    assert [s.split(":")[0] for s in stages] == [f"stage {n} of 4" for n in range(1, 5)], stages
+    assert (tmp_path / "eval" / "eval_annotation.json").is_file()
