@@ -115,6 +115,8 @@ def main(argv=None) -> int:
     parser.add_argument("--model", default="panfoma-small", help="preset (random init) or model folder")
     parser.add_argument("--epochs", type=float, default=None, help="override DEFAULT_NUM_TRAIN_EPOCHS")
     parser.add_argument("--max-genes", type=int, default=None, help="override DEFAULT_MAX_GENES")
+    parser.add_argument("--class-weighting", choices=("balanced", "none"), default=None,
+                        help="override DEFAULT_CLASS_WEIGHTING")
     parser.add_argument("--data-dir", type=Path, default=REPO.parent / "shared" / "data")
     parser.add_argument("--work-dir", type=Path, default=REPO / "runs" / "finetune-recipe")
     parser.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results" / "finetune_recipe.jsonl")
@@ -128,6 +130,8 @@ def main(argv=None) -> int:
         adata, train, val, test = load_task(args.data_dir, args.task, seed)
         base = baseline(adata, train, val, test, seed)
         overrides = {k: v for k, v in (("num_train_epochs", args.epochs), ("max_genes", args.max_genes)) if v}
+        if args.class_weighting:
+            overrides["class_weighting"] = None if args.class_weighting == "none" else args.class_weighting
         model_metrics, _, details = finetuned(adata, train, val, test, seed, args.work_dir, args.model, **overrides)
         record = {
             "task": args.task, "seed": seed, "model": args.model, "date": time.strftime("%Y-%m-%d %H:%M %Z"),

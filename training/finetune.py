@@ -100,6 +100,10 @@ DEFAULT_MAX_GENES: int | None = 256
 #: Mixed precision: "auto" = bf16 autocast where the device multiplies bf16 natively (CUDA with bf16; CPUs with
 #: AVX512-BF16 / AMX / Arm BF16), else fp32; or "bf16" / "fp32".
 DEFAULT_PRECISION = "auto"
+#: Class weights of the cross-entropy: "balanced" (each class weighs n / (k * n_class) over the training cells, so
+#: rare cell types count as much as common ones, matching macro-F1) or None (unweighted).
+DEFAULT_CLASS_WEIGHTING: str | None = None
+CLASS_WEIGHTINGS = ("balanced", "none")
 
 
 def _use_bf16(bf16: bool | None, use_cpu: bool) -> bool:
@@ -275,6 +279,18 @@ def load_classifier(model_name_or_path: str | os.PathLike, label_names: Sequence
     return model, processor
 
 
+def balanced_class_weights(labels: Sequence[int], num_labels: int) -> list[float]:
+    """Weights n / (k * n_c) for the k classes present among `labels` (ids < 0 ignored); 1.0 for absent classes."""
+    labels = np.asarray([label for label in labels if label is not None and label >= 0], dtype=np.int64)
+    if labels.size and labels.max() >= num_labels:
+        raise ValueError(f"label id {labels.max()} >= num_labels ({num_labels}).")
+    counts = np.bincount(labels, minlength=num_labels).astype(np.float64)
+    present = counts > 0
+    weights = np.ones(num_labels)
+    weights[present] = labels.size / (present.sum() * counts[present])
+    return weights.tolist()
+
+
 def build_trainer(
     model,
     processor,
@@ -296,6 +312,7 @@ def build_trainer(
     early_stopping_patience: int | None = DEFAULT_EARLY_STOPPING_PATIENCE,
     head_warmup_steps: int = DEFAULT_HEAD_WARMUP_STEPS,
     max_genes: int | None = DEFAULT_MAX_GENES,
+    class_weighting: str | None = DEFAULT_CLASS_WEIGHTING,
     seed: int = 0,
     bf16: bool | None = None,
     use_cpu: bool = False,
@@ -311,6 +328,8 @@ def build_trainer(
     Classification collator (`mlm=False`, `max_genes` per cell, seeded per cell from `idx`), validation macro-F1
     every epoch (or every `eval_steps`, default a quarter of `max_steps`, when `max_steps > 0`), best checkpoint
     by validation macro-F1 restored at the end, optional early stopping, `PanFoMaTrainer`'s parameter groups.
+    `class_weighting`: "balanced" weights the cross-entropy by inverse class frequency in `train_dataset`
+    (`balanced_class_weights`); None or "none": unweighted.
     `lora_r`: wrap the model in LoRA adapters of that rank (`panfoma.training.lora.apply_lora`: attention and Mamba
     projections; only the adapters and the classifier head train); the Trainer's model is then the peft model.
     """
@@ -358,13 +377,19 @@ def build_trainer(
         from .lora import apply_lora
 
         model = apply_lora(model, lora_r, alpha=lora_alpha, target_modules=lora_target_modules)
+    if class_weighting not in (None, *CLASS_WEIGHTINGS):
+        raise ValueError(f"class_weighting must be one of {CLASS_WEIGHTINGS} or None, got {class_weighting!r}.")
+    class_weights = None
+    if class_weighting == "balanced" and getattr(model.config, "num_labels", 0) > 1:
+        class_weights = balanced_class_weights(train_dataset[label_column], model.config.num_labels)
     callbacks = [PanFoMaCollatorEpochCallback(collator)]
     if early_stopping_patience is not None:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=early_stopping_patience))
     return PanFoMaTrainer(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                           data_collator=collator, processing_class=processor,
                           compute_metrics=compute_classification_metrics, callbacks=callbacks,
-                          head_learning_rate=head_learning_rate, head_warmup_steps=head_warmup_steps)
+                          head_learning_rate=head_learning_rate, head_warmup_steps=head_warmup_steps,
+                          class_weights=class_weights)
 
 
 def finetune(
@@ -387,6 +412,7 @@ def finetune(
     early_stopping_patience: int | None = DEFAULT_EARLY_STOPPING_PATIENCE,
     head_warmup_steps: int = DEFAULT_HEAD_WARMUP_STEPS,
     max_genes: int | None = DEFAULT_MAX_GENES,
+    class_weighting: str | None = DEFAULT_CLASS_WEIGHTING,
     seed: int = 0,
     bf16: bool | None = None,
     use_cpu: bool = False,
@@ -409,6 +435,7 @@ def finetune(
         learning_rate: peak learning rate of the backbone.
         head_learning_rate: peak learning rate of the classifier head and input embeddings (None: `learning_rate`).
         max_genes: genes per cell (None: every expressed gene).
+        class_weighting: "balanced" (inverse class frequency in the training split) or None / "none".
         early_stopping_patience: evaluations without improvement before stopping (None: never stop early).
         lora_r / lora_alpha / lora_target_modules: LoRA fine-tuning (extra `lora`): adapters of rank `lora_r` on the
             attention and Mamba projections (default targets `panfoma.training.lora.LORA_TARGET_MODULES`), only they
@@ -431,7 +458,8 @@ def finetune(
         head_learning_rate=head_learning_rate, weight_decay=weight_decay, warmup_ratio=warmup_ratio,
         per_device_train_batch_size=per_device_train_batch_size, per_device_eval_batch_size=per_device_eval_batch_size,
         gradient_accumulation_steps=gradient_accumulation_steps, early_stopping_patience=early_stopping_patience,
-        head_warmup_steps=head_warmup_steps, max_genes=max_genes, seed=seed, bf16=bf16, use_cpu=use_cpu, report_to=report_to, progress=progress,
+        head_warmup_steps=head_warmup_steps, max_genes=max_genes, class_weighting=class_weighting,
+        seed=seed, bf16=bf16, use_cpu=use_cpu, report_to=report_to, progress=progress,
         logging_steps=logging_steps, lora_r=lora_r, lora_alpha=lora_alpha, lora_target_modules=lora_target_modules,
     )
     trainer.train()
@@ -491,6 +519,9 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     parser.add_argument("--head-warmup-steps", type=int, default=DEFAULT_HEAD_WARMUP_STEPS,
                         help="steps that fit the classifier head alone on frozen cell embeddings before end-to-end "
                         f"fine-tuning; 0 = random head (default {DEFAULT_HEAD_WARMUP_STEPS})")
+    parser.add_argument("--class-weighting", choices=CLASS_WEIGHTINGS, default=DEFAULT_CLASS_WEIGHTING or "none",
+                        help="cross-entropy class weights: 'balanced' = inverse class frequency in the training split, "
+                        "so rare cell types count as much as common ones (default %(default)s)")
     parser.add_argument("--max-genes", type=int, default=DEFAULT_MAX_GENES,
                         help="genes per cell (default: " + ("every expressed gene" if DEFAULT_MAX_GENES is None
                                                             else str(DEFAULT_MAX_GENES)) + ")")
@@ -519,7 +550,8 @@ def run_finetune(args: argparse.Namespace) -> FinetuneResult:
         per_device_train_batch_size=args.per_device_train_batch_size,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         early_stopping_patience=args.early_stopping_patience, head_warmup_steps=args.head_warmup_steps,
-        max_genes=args.max_genes, seed=args.seed,
+        max_genes=args.max_genes, class_weighting=None if args.class_weighting == "none" else args.class_weighting,
+        seed=args.seed,
         bf16=None if args.precision == "auto" else args.precision == "bf16", use_cpu=args.use_cpu,
         report_to=args.report_to, lora_r=getattr(args, "lora_r", None),
         lora_alpha=getattr(args, "lora_alpha", None),

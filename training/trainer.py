@@ -8,7 +8,7 @@ a Trainer.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Sequence
 
 from transformers import Trainer
 
@@ -28,14 +28,40 @@ class PanFoMaTrainer(Trainer):
 
     Args:
         head_learning_rate: peak learning rate of the head and input embeddings (None: `args.learning_rate`).
+        head_warmup_steps: steps of the head warm start (`warm_start_head`; 0 = none).
+        class_weights: one weight per class for the single-label cross-entropy (see `balanced_class_weights`), or
+            None for the model's own unweighted loss.
         Others: as `transformers.Trainer`.
     """
 
     def __init__(self, *args: Any, head_learning_rate: float | None = None, head_warmup_steps: int = 0,
-                 **kwargs: Any):
+                 class_weights: Sequence[float] | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.head_learning_rate = head_learning_rate
         self.head_warmup_steps = int(head_warmup_steps)
+        self.class_weights = None if class_weights is None else [float(w) for w in class_weights]
+
+    def _weighted(self) -> bool:
+        base = getattr(self.model, "get_base_model", lambda: self.model)()
+        return self.class_weights is not None and base.config.problem_type in (None, "single_label_classification")
+
+    def _cross_entropy(self, logits, labels):
+        import torch
+        import torch.nn.functional as F
+
+        weight = torch.tensor(self.class_weights, dtype=torch.float32, device=logits.device)
+        return F.cross_entropy(logits.float(), labels, weight=weight, ignore_index=-100)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """Trainer's loss, or the class-weighted cross-entropy when `class_weights` is set."""
+        if not self._weighted() or "labels" not in inputs:
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+        inputs = dict(inputs)
+        labels = inputs.pop("labels")
+        outputs = model(**inputs)
+        loss = self._cross_entropy(outputs.logits, labels)
+        return (loss, outputs) if return_outputs else loss
 
     def train(self, resume_from_checkpoint=None, **kwargs):
         """`Trainer.train`, after fitting the classifier head alone on the frozen cell embeddings of the training
@@ -76,7 +102,8 @@ class PanFoMaTrainer(Trainer):
         optimizer = torch.optim.AdamW(head.parameters(), lr=HEAD_WARMUP_LEARNING_RATE, weight_decay=0.01)
         loss = None
         for _ in range(self.head_warmup_steps):
-            loss = F.cross_entropy(head(x.to(next(head.parameters()).dtype)).float(), y)
+            logits = head(x.to(next(head.parameters()).dtype))
+            loss = self._cross_entropy(logits, y) if self._weighted() else F.cross_entropy(logits.float(), y)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad()
