@@ -8,9 +8,16 @@ Launch (one CPU process, several processes, or many GPUs; the code is the same):
 
 `accelerate launch --cpu --num_processes 2` starts ONE process (Accelerate's multi-CPU path needs MPI); to
 really run two processes on CPUs use `torchrun` (above) or `panfoma pretrain --num-processes 2`, which starts
-`torchrun` for you; each process then joins a gloo process group (`Accelerator(cpu=True)`). FSDP and DeepSpeed:
-write an `accelerate config` file (FSDP: `fsdp_transformer_layer_cls_to_wrap: PanFoMaEncoderBlock,
-PanFoMaBiMambaLayer`; DeepSpeed ZeRO-2 needs no change) and pass it to `accelerate launch --config_file`.
+`torchrun` for you; each process then joins a gloo process group (`Accelerator(cpu=True)`).
+
+FSDP: `--fsdp` (or `accelerate launch --config_file` of the bundled `configs/accelerate-fsdp.yaml`,
+`accelerate_config_path("fsdp")`) shards parameters, gradients and optimiser state with FSDP2 through Accelerate's
+`FullyShardedDataParallelPlugin` (one unit per `PanFoMaEncoderBlock` / `PanFoMaBiMambaLayer`). Accelerate keeps
+CPU processes on DDP even when given the plugin; `_use_fsdp_on_cpu_processes` selects its FSDP2 path there too
+(torch's `fully_shard` runs on gloo), which is how the 2-process CPU test exercises it. Multi-node: the same
+command on every node under `torchrun --nnodes N --rdzv-backend c10d --rdzv-endpoint HOST:PORT` or
+`accelerate launch --num_machines N --machine_rank R --main_process_ip HOST` (README). DeepSpeed ZeRO-2: an
+`accelerate config` file, no code change (untested here).
 
 Configuration: a YAML file (a preset name from `panfoma/training/configs/` or a path) then command-line
 overrides (`--learning-rate 1e-4`, `--model-override hidden_size=128`). Every field of `PretrainingConfig`
@@ -28,7 +35,8 @@ Choices, and why:
   weight-decay policy, shared with fine-tuning): no decay on Mamba `A_log` / `D`, norms, biases, 1-D
   parameters and embedding tables.
   Linear warmup then cosine decay (`transformers.get_cosine_schedule_with_warmup`), gradient clipping.
-* **Checkpoints** (`save_steps`): `Accelerator.save_state` into `checkpoints/.tmp-step-N`, then
+* **Checkpoints** (`save_steps`): `Accelerator.save_state` into `checkpoints/.tmp-step-N` plus the full model and
+  processor in its `model/` subfolder (`from_pretrained` loads it on one process, FSDP shards gathered), then
   `trainer_state.json` is written and the folder renamed to `checkpoints/step-N`. A run killed mid-save
   leaves only a `.tmp-*` folder, which resume ignores (and removes); a `step-*` folder without
   `trainer_state.json` is ignored with a warning.
@@ -70,6 +78,10 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoints"
 CHECKPOINT_PREFIX = "step-"
+#: Subfolder of a checkpoint holding the model and processor as `save_pretrained` folders (`from_pretrained` loads it).
+CHECKPOINT_MODEL_DIR = "model"
+#: Bundled `accelerate launch` configurations are `configs/accelerate-*.yaml` (not pretraining presets).
+ACCELERATE_CONFIG_PREFIX = "accelerate-"
 TRAINER_STATE = "trainer_state.json"
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "pretraining_config.yaml"
@@ -118,6 +130,9 @@ class PretrainingConfig:
         resume: "auto" (latest complete checkpoint in `output_dir`, if any), "never", or a checkpoint folder.
         num_workers: DataLoader worker processes.
         cpu: force CPU even when a GPU is present.
+        fsdp: shard parameters, gradients and optimiser state over the processes with FSDP2 (Accelerate's
+            `FullyShardedDataParallelPlugin`, one unit per encoder block and BiMamba layer; full state dict gathered
+            on save). Also on when launched with `accelerate launch --config_file` of the bundled `accelerate-fsdp`.
         progress: show a progress bar.
     """
 
@@ -156,6 +171,7 @@ class PretrainingConfig:
     resume: str = "auto"
     num_workers: int = 0
     cpu: bool = False
+    fsdp: bool = False
     progress: bool = True
 
     def validate(self) -> "PretrainingConfig":
@@ -206,7 +222,7 @@ def preset_config_path(name: str) -> Path:
     bundled = resources.files("panfoma.training").joinpath("configs", f"{name}.yaml")
     if not bundled.is_file():
         available = sorted(p.name[:-5] for p in resources.files("panfoma.training").joinpath("configs").iterdir()
-                           if p.name.endswith(".yaml"))
+                           if p.name.endswith(".yaml") and not p.name.startswith(ACCELERATE_CONFIG_PREFIX))
         raise ValueError(f"unknown config {name!r}: give a YAML path or one of the presets {available}.")
     return Path(str(bundled))
 
@@ -306,8 +322,13 @@ def find_latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
     return max(complete)[1] if complete else None
 
 
-def _save_checkpoint(accelerator, output_dir: Path, state: dict, limit: int) -> Path:
-    """Write a checkpoint atomically (temp folder -> rename) and keep the `limit` newest ones."""
+def _save_checkpoint(accelerator, output_dir: Path, state: dict, limit: int, model=None, processor=None) -> Path:
+    """Write a checkpoint atomically (temp folder -> rename) and keep the `limit` newest ones.
+
+    Besides `Accelerator.save_state` (what resume reads), the checkpoint holds `model/`: the full model and the
+    processor as `save_pretrained` folders, so `AutoModel.from_pretrained(".../step-N/model")` loads it on one
+    process whatever the strategy (under FSDP the shards are gathered first).
+    """
     root = output_dir / CHECKPOINT_DIR
     final = root / f"{CHECKPOINT_PREFIX}{state['global_step']:08d}"
     partial = root / f".tmp-{final.name}"
@@ -316,6 +337,12 @@ def _save_checkpoint(accelerator, output_dir: Path, state: dict, limit: int) -> 
         shutil.rmtree(partial, ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(partial))
+    if model is not None:
+        full_state = accelerator.get_state_dict(model)  # a collective under FSDP: every process calls it
+        if accelerator.is_main_process:
+            accelerator.unwrap_model(model).save_pretrained(partial / CHECKPOINT_MODEL_DIR, state_dict=full_state)
+            if processor is not None:
+                processor.save_pretrained(partial / CHECKPOINT_MODEL_DIR)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         # trainer_state.json last: its presence is what marks a checkpoint complete.
@@ -460,8 +487,8 @@ def setup_pretraining(cfg: PretrainingConfig) -> PretrainingRun:
     cfg.validate()
     output_dir = Path(cfg.output_dir)
     accelerator, log_with = _make_accelerator(cfg, output_dir)
-    logger.info("pretraining on %s: %d process(es), mixed precision %s", accelerator.device,
-                accelerator.num_processes, cfg.mixed_precision)
+    logger.info("pretraining on %s: %d process(es), strategy %s, mixed precision %s", accelerator.device,
+                accelerator.num_processes, accelerator.distributed_type.value, cfg.mixed_precision)
     set_seed(cfg.seed)  # identical initial weights in every process
 
     model, processor = build_model_and_processor(cfg)
@@ -492,11 +519,12 @@ def setup_pretraining(cfg: PretrainingConfig) -> PretrainingRun:
 def _make_accelerator(cfg: PretrainingConfig, output_dir: Path):
     """`(Accelerator, tracker name or None)` for `cfg` (CPU processes join a gloo group)."""
     from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
+    from accelerate.utils import DataLoaderConfiguration, DistributedType, ProjectConfiguration, parse_flag_from_env
     from accelerate.utils.imports import is_tensorboard_available
 
     cpu = cfg.cpu or not torch.cuda.is_available()
     log_with = "tensorboard" if is_tensorboard_available() else None
+    fsdp_plugin = fsdp_plugin_for_pretraining() if cfg.fsdp else None
     accelerator = Accelerator(
         mixed_precision=cfg.mixed_precision,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
@@ -504,8 +532,73 @@ def _make_accelerator(cfg: PretrainingConfig, output_dir: Path):
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
         log_with=log_with,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "runs")),
+        fsdp_plugin=fsdp_plugin,
     )
+    if cfg.fsdp or parse_flag_from_env("ACCELERATE_USE_FSDP"):
+        _use_fsdp_on_cpu_processes(accelerator, fsdp_plugin)
+        if accelerator.distributed_type != DistributedType.FSDP:
+            logger.warning("FSDP was asked for, but this run has %d process(es) (%s): it trains unsharded.",
+                           accelerator.num_processes, accelerator.distributed_type)
     return accelerator, log_with
+
+
+def fsdp_plugin_for_pretraining():
+    """Accelerate's FSDP2 plugin for PanFoMa: one unit per `_no_split_modules` class, full state dict on save.
+
+    The same settings as the bundled `accelerate-fsdp.yaml` launch configuration (`accelerate_config_path`).
+    """
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    # transformer_based_wrap without class names wraps the model's `_no_split_modules` (PanFoMaEncoderBlock,
+    # PanFoMaBiMambaLayer): a block's parameters are gathered together, just before it runs.
+    return FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
+                                          state_dict_type="FULL_STATE_DICT", reshard_after_forward=True,
+                                          cpu_ram_efficient_loading=False)
+
+
+def _use_fsdp_on_cpu_processes(accelerator, fsdp_plugin) -> None:
+    """Route CPU processes (gloo) to Accelerate's FSDP2 path instead of its silent DDP fallback.
+
+    Accelerate only selects FSDP for accelerator devices: on CPUs it keeps `MULTI_CPU` (DDP) and drops the plugin,
+    although torch's `fully_shard` runs on gloo. Declaring the distributed type here lets the unchanged Accelerate
+    FSDP2 path (prepare, gradient clipping, save_state / load_state, get_state_dict) run on CPU processes: CPU
+    clusters, and the 2-process CI test of this path.
+    """
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    if accelerator.distributed_type != DistributedType.MULTI_CPU:
+        return
+    plugin = fsdp_plugin or FullyShardedDataParallelPlugin()  # settings from `accelerate launch` (FSDP_* variables)
+    if accelerator.mixed_precision != "no":
+        plugin.set_mixed_precision(accelerator.mixed_precision)
+    # Both shared states hold `distributed_type` (AcceleratorState copies PartialState's at construction).
+    PartialState().distributed_type = DistributedType.FSDP
+    AcceleratorState().distributed_type = DistributedType.FSDP
+    AcceleratorState().fsdp_plugin = plugin
+    if not accelerator.is_fsdp2:
+        raise RuntimeError("could not select Accelerate's FSDP2 path on CPU processes with this Accelerate version; "
+                           "run without --fsdp (DDP) or on GPUs.")
+    # The numba scan hands the Mamba parameters D and the dt bias to numpy, which marks their storage
+    # non-resizable; FSDP2 frees an unsharded parameter by resizing its storage to 0 after the layer ran
+    # ("Trying to resize storage that is not resizable"). The torch scan keeps storages resizable.
+    if os.environ.get("PANFOMA_DISABLE_NUMBA") != "1":
+        logger.warning("FSDP on CPU processes: the selective scan uses its torch backend (PANFOMA_DISABLE_NUMBA=1), "
+                       "as the numba backend pins the storage of parameters FSDP needs to free.")
+        os.environ["PANFOMA_DISABLE_NUMBA"] = "1"
+
+
+def accelerate_config_path(name: str = "fsdp") -> Path:
+    """Path of a bundled `accelerate launch --config_file` configuration (`fsdp`: FSDP2, see `fsdp_plugin_for_pretraining`).
+
+    Example:
+        >>> accelerate_config_path("fsdp").name
+        'accelerate-fsdp.yaml'
+    """
+    bundled = resources.files("panfoma.training").joinpath("configs", f"{ACCELERATE_CONFIG_PREFIX}{name}.yaml")
+    if not bundled.is_file():
+        raise ValueError(f"no bundled Accelerate configuration {name!r}; available: ['fsdp'].")
+    return Path(str(bundled))
 
 
 def _make_loaders(cfg: PretrainingConfig, accelerator, model, processor):
@@ -641,7 +734,8 @@ def _after_optimizer_step(run: PretrainingRun) -> None:
         metrics = _evaluate(run.accelerator, run.model, run.evaluation, cfg.max_eval_batches)
         _emit(run.accelerator, run.output_dir, {"step": step, **metrics}, run.log_with)
     if cfg.save_steps and step % cfg.save_steps == 0 and step < run.total_steps:
-        _save_checkpoint(run.accelerator, run.output_dir, dict(run.state), cfg.save_total_limit)
+        _save_checkpoint(run.accelerator, run.output_dir, dict(run.state), cfg.save_total_limit, model=run.model,
+                         processor=run.processor)
 
 
 def save_final_model(run: PretrainingRun) -> Path:
@@ -653,10 +747,11 @@ def save_final_model(run: PretrainingRun) -> Path:
         if final_metrics:
             _emit(accelerator, output_dir, {"step": run.state["global_step"], **final_metrics}, run.log_with)
     accelerator.wait_for_everyone()
+    full_state = accelerator.get_state_dict(run.model)  # gathers FSDP shards: a collective, every process calls it
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(run.model)
         save_pretrained_with_card(unwrapped, run.processor, output_dir, training_data=cfg.dataset,
-                                  metrics=final_metrics or None)
+                                  metrics=final_metrics or None, state_dict=full_state)
     accelerator.wait_for_everyone()
     if run.log_with:
         accelerator.end_training()
@@ -701,10 +796,14 @@ def _emit(accelerator, output_dir: Path, record: dict, log_with) -> None:
 
 
 def save_pretrained_with_card(model, processor, output_dir: str | os.PathLike, *, training_data=None, metrics=None,
-                              base_model: str | None = None, model_name: str | None = None) -> Path:
-    """`save_pretrained` of model and processor plus a generated model card (`README.md`) in one folder."""
+                              base_model: str | None = None, model_name: str | None = None,
+                              state_dict: dict | None = None) -> Path:
+    """`save_pretrained` of model and processor plus a generated model card (`README.md`) in one folder.
+
+    `state_dict` replaces the model's own (the full weights gathered from FSDP shards).
+    """
     output_dir = Path(output_dir)
-    model.save_pretrained(output_dir)
+    model.save_pretrained(output_dir, state_dict=state_dict)
     processor.save_pretrained(output_dir)
     from panfoma.hub.model_card import generate_model_card
 
@@ -817,10 +916,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 __all__ = [
     "PretrainingConfig",
     "PretrainingRun",
+    "accelerate_config_path",
     "add_pretrain_arguments",
     "build_model_and_processor",
     "config_from_args",
     "find_latest_checkpoint",
+    "fsdp_plugin_for_pretraining",
     "load_pretraining_config",
     "make_collator",
     "parameter_groups",
