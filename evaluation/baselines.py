@@ -1,6 +1,6 @@
 """Baselines, probes and model-free controls printed beside PanFoMa in every evaluation.
 
-Owns the honest comparators (DESIGN.md section 7): log-normalisation (counts per 10,000 then ``log1p``, per
+Owns the honest comparators: log-normalisation (counts per 10,000 then ``log1p``, per
 cell, the rule of `panfoma.tokenization.normalization`), the PCA baseline (2,000 highly variable genes,
 scanpy ``flavor="seurat"`` on log data, centred, 50 components, fitted on the training cells only in
 supervised tasks), the linear probe (standardised features, multinomial logistic regression with ``lbfgs``,

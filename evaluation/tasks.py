@@ -17,7 +17,7 @@ Every task takes ``model_name`` (default ``"panfoma"``), the prefix of the model
 be named as such (e.g. ``"control_random_projection"``) so that no report presents it as PanFoMa. Every
 zero-shot task also takes ``random_init_embed_fn`` / ``random_init_embedding_key``, the embeddings of a
 randomly initialised model of the *same* config (track ``<model_name>_random_init``): what pretraining adds is
-the gap between the two. Honesty rules (DESIGN.md section 7): patient-grouped splits for cancer tasks;
+the gap between the two. Honesty rules: patient-grouped splits for cancer tasks;
 zero-shot and fine-tuned tracks reported separately; the baseline always beside PanFoMa; model selection on
 validation only; every report states data, split, seeds and mean +- sd over seeds.
 """

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import importlib
 
-# Public names of panfoma.inference.embed re-exported lazily (PEP 562): `import panfoma.inference` stays torch-free.
+# Public names of panfoma.inference.embed, imported at first use (PEP 562): the command line imports this package's
+# argument adders while building its parser, which must not wait for torch.
 _EMBED_NAMES = ("EMBEDDING_KEY", "PRECISIONS", "cpu_has_native_bf16", "embed_adata", "embed_file",
                 "embedding_metadata_key", "gene_embeddings", "load_model_and_processor", "resolve_device",
                 "resolve_precision")

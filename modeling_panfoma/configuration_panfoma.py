@@ -22,25 +22,24 @@ MAMBA_IMPLEMENTATIONS = ("auto", "kernel", "torch")
 TARGET_NORMALIZATIONS = ("none", "gene")
 
 
-class ValueIdsMixin:
-    """The padding and mask value ids of anything with `n_bins` expression bins: the config, the processor and the
-    collator share this one definition.
+def value_pad_id(n_bins: int) -> int:
+    """Value id of padded positions: `n_bins` (bins are 0 .. n_bins - 1, 0 = not expressed).
 
-    Bins are 0 .. n_bins - 1 (0 = not expressed); padding is n_bins and the masked-value token n_bins + 1.
+    The one value-id rule, shared by the config, the processor and the collator.
+
+    Example:
+        >>> value_pad_id(51), value_mask_id(51)
+        (51, 52)
     """
-
-    @property
-    def value_pad_id(self) -> int:
-        """Value id of padded positions (= n_bins)."""
-        return self.n_bins
-
-    @property
-    def value_mask_id(self) -> int:
-        """Value id of masked positions for masked value modelling (= n_bins + 1)."""
-        return self.n_bins + 1
+    return int(n_bins)
 
 
-class PanFoMaConfig(ValueIdsMixin, PretrainedConfig):
+def value_mask_id(n_bins: int) -> int:
+    """Value id of masked positions in masked value modelling: `n_bins + 1` (right after padding)."""
+    return int(n_bins) + 1
+
+
+class PanFoMaConfig(PretrainedConfig):
     r"""
     Configuration of a PanFoMa model: local-context encoder (one shared Transformer block over gene
     chunks), global-informed dynamic sorting, and a bidirectional Mamba decoder with gated fusion.
@@ -194,9 +193,19 @@ class PanFoMaConfig(ValueIdsMixin, PretrainedConfig):
         return self.expand * self.hidden_size
 
     @property
+    def value_pad_id(self) -> int:
+        """Value id of padded positions (`value_pad_id(n_bins)`)."""
+        return value_pad_id(self.n_bins)
+
+    @property
+    def value_mask_id(self) -> int:
+        """Value id of masked positions (`value_mask_id(n_bins)`)."""
+        return value_mask_id(self.n_bins)
+
+    @property
     def value_vocab_size(self) -> int:
         """Size of the value-embedding table: the bins, then padding and mask."""
-        return self.n_bins + 2
+        return value_mask_id(self.n_bins) + 1
 
     def validate(self) -> None:
         """Check every hyperparameter; each error says how to fix it."""
@@ -259,4 +268,4 @@ class PanFoMaConfig(ValueIdsMixin, PretrainedConfig):
         return cls(**{**PANFOMA_PRESETS[name], **overrides})
 
 
-__all__ = ["PanFoMaConfig", "PANFOMA_PRESETS", "ValueIdsMixin"]
+__all__ = ["PanFoMaConfig", "PANFOMA_PRESETS", "value_mask_id", "value_pad_id"]

@@ -7,16 +7,15 @@ import logging
 from pathlib import Path
 
 import numpy as np
+import anndata
 import pandas as pd
 import pytest
 import scipy.sparse as sp
 import torch
 from scipy.stats import rankdata
 
-anndata = pytest.importorskip("anndata")
-
-from panfoma import PanFoMaConfig  # noqa: E402
-from panfoma.tokenization import (  # noqa: E402
+from panfoma import PanFoMaConfig
+from panfoma.tokenization import (
     PanFoMaGeneProcessor,
     PanFoMaGeneVocab,
     quantile_bins,

@@ -22,6 +22,10 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+# The value-id rule (bins 0 .. n_bins - 1, then padding n_bins, then the masked value n_bins + 1) is defined with
+# the model config, which may not import this package; re-exported here beside the bins it extends.
+from panfoma.configuration_panfoma import value_mask_id, value_pad_id
+
 #: Default number of value bins (bin 0 = zero expression, 1..50 quantile bins), as scGPT.
 DEFAULT_N_BINS = 51
 
@@ -86,28 +90,6 @@ def quantile_bins(values: np.ndarray, n_bins: int = DEFAULT_N_BINS, indptr: np.n
         raise ValueError("values must be finite and non-negative; check the input for NaN, inf or negative entries.")
     _bin_segments(np.ascontiguousarray(values, dtype=np.float64), indptr, int(n_bins), bins)
     return bins
-    if np.any(values[nonzero] < 0) or not np.all(np.isfinite(values[nonzero])):
-        raise ValueError("values must be finite and non-negative; check the input for NaN, inf or negative entries.")
-    # Cell of each nonzero value; sort by (cell, value) so ties of one cell are contiguous.
-    cell = np.searchsorted(indptr, nonzero, side="right") - 1
-    order = np.lexsort((values[nonzero], cell))
-    sorted_cell = cell[order]
-    sorted_values = values[nonzero][order]
-    m = sorted_values.size
-    cell_start = np.searchsorted(sorted_cell, np.arange(indptr.size - 1), side="left")
-    k = np.bincount(sorted_cell, minlength=indptr.size - 1)  # nonzero values per cell
-    new_group = np.ones(m, dtype=bool)
-    new_group[1:] = (sorted_cell[1:] != sorted_cell[:-1]) | (sorted_values[1:] != sorted_values[:-1])
-    group_first = np.flatnonzero(new_group)
-    group_of = np.cumsum(new_group) - 1
-    group_size = np.diff(np.append(group_first, m))
-    n_less = group_first[group_of] - cell_start[sorted_cell]
-    n_equal = group_size[group_of]
-    k_of = k[sorted_cell]
-    # floor(q * (n_bins - 1)) with q = (2 n_less + n_equal) / (2 k), in exact integer arithmetic.
-    sorted_bins = 1 + np.minimum((2 * n_less + n_equal) * (n_bins - 1) // (2 * k_of), n_bins - 2)
-    bins[nonzero[order]] = sorted_bins
-    return bins
 
 
-__all__ = ["DEFAULT_N_BINS", "quantile_bins"]
+__all__ = ["DEFAULT_N_BINS", "quantile_bins", "value_mask_id", "value_pad_id"]

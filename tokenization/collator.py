@@ -28,9 +28,7 @@ import numpy as np
 import torch
 from transformers import TrainerCallback
 
-from panfoma.configuration_panfoma import ValueIdsMixin
-
-from .binning import DEFAULT_N_BINS
+from .binning import DEFAULT_N_BINS, value_mask_id, value_pad_id
 from .encoding import DEFAULT_TARGET_SUM, GENE_SELECTIONS, EncodedCell, encode_cells, pad_encoded
 from .vocabulary import PAD_TOKEN_ID
 
@@ -41,7 +39,7 @@ IGNORE_INDEX = -100
 DEFAULT_MASK_RATIO = 0.3
 
 
-class PanFoMaDataCollator(ValueIdsMixin):
+class PanFoMaDataCollator:
     """Pads a batch of cells and builds masked-value-modelling (or classification) inputs.
 
     Args:
@@ -197,7 +195,7 @@ class PanFoMaDataCollator(ValueIdsMixin):
                 "examples must all have gene_ids + counts (sparse cells) or all input_ids + values + attention_mask "
                 f"(processed cells); got keys {sorted(examples[0].keys())}."
             )
-        arrays = pad_encoded(cells, value_pad_id=self.value_pad_id)
+        arrays = pad_encoded(cells, value_pad_id=value_pad_id(self.n_bins))
         if self.mlm:
             labels = np.full(arrays["values"].shape, IGNORE_INDEX, dtype=np.int64)
             for row, (cell, rng) in enumerate(zip(cells, rngs)):
@@ -209,7 +207,7 @@ class PanFoMaDataCollator(ValueIdsMixin):
                 n_mask = max(1, int(round(self.mask_ratio * candidates.size)))
                 masked = rng.choice(candidates, size=n_mask, replace=False)
                 labels[row, masked] = arrays["values"][row, masked]
-                arrays["values"][row, masked] = self.value_mask_id
+                arrays["values"][row, masked] = value_mask_id(self.n_bins)
             arrays["labels"] = labels
         else:
             arrays["labels"] = self._class_labels(examples)

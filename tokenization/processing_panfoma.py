@@ -44,9 +44,7 @@ from tqdm.auto import tqdm
 from transformers import BatchFeature, FeatureExtractionMixin
 from transformers.utils import cached_file
 
-from panfoma.configuration_panfoma import ValueIdsMixin
-
-from .binning import DEFAULT_N_BINS
+from .binning import DEFAULT_N_BINS, value_mask_id, value_pad_id
 from .encoding import DEFAULT_TARGET_SUM, GENE_SELECTIONS, EncodedCell, encode_cells, pad_encoded
 from .vocabulary import DEFAULT_MIN_MATCH_FRACTION, GeneMapping, PanFoMaGeneVocab
 
@@ -94,7 +92,7 @@ def _sum_into_tokens(block: sp.csr_matrix, projection: sp.csr_matrix, log_scale:
     return combined
 
 
-class PanFoMaGeneProcessor(ValueIdsMixin, FeatureExtractionMixin):
+class PanFoMaGeneProcessor(FeatureExtractionMixin):
     r"""Turns single-cell expression (AnnData, or a matrix with gene names) into PanFoMa inputs.
 
     Args:
@@ -544,7 +542,7 @@ class PanFoMaGeneProcessor(ValueIdsMixin, FeatureExtractionMixin):
             raise ValueError(f"padding must be 'longest' or 'max_length', got {padding!r}.")
         if padding == "max_length" and max_genes is None:
             raise ValueError("padding='max_length' needs max_genes to be set.")
-        arrays = pad_encoded(cells, value_pad_id=self.value_pad_id,
+        arrays = pad_encoded(cells, value_pad_id=value_pad_id(self.n_bins),
                              pad_to=max_genes if padding == "max_length" else None)
         if not return_raw_values:
             del arrays["raw_values"]
