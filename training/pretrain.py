@@ -258,17 +258,11 @@ def load_pretraining_config(config: str | os.PathLike | None = None, **overrides
 
 
 # ---------------------------------------------------------------------------------------------- data
-def _collator_class():
-    try:
-        from panfoma.tokenization import PanFoMaDataCollator
-    except ImportError:  # not yet re-exported by the package
-        from panfoma.tokenization.collator import PanFoMaDataCollator
-    return PanFoMaDataCollator
-
-
 def make_collator(processor: Any, model_config: Any, *, mlm: bool = True, seed: int = 0, **kwargs: Any):
     """The training collator (`panfoma.tokenization.PanFoMaDataCollator`) configured for `model_config`."""
-    return _collator_class()(processor, mlm=mlm, mask_ratio=model_config.mask_ratio, seed=seed,
+    from panfoma.tokenization import PanFoMaDataCollator
+
+    return PanFoMaDataCollator(processor, mlm=mlm, mask_ratio=model_config.mask_ratio, seed=seed,
                                return_raw_values=model_config.mse_loss_weight > 0 or model_config.mvc_loss_weight > 0,
                                **kwargs)
 
