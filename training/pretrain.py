@@ -389,14 +389,16 @@ class _Loader:
 
         self.accelerator, self.dataset, self.streaming = accelerator, dataset, cfg.streaming
         if cfg.streaming:
-            from datasets.distributed import split_dataset_by_node
+            from panfoma.data.streaming import ShardedStream
 
-            if shuffle:
-                dataset = dataset.shuffle(seed=cfg.seed, buffer_size=cfg.shuffle_buffer)
-            self.dataset = split_dataset_by_node(dataset, rank=accelerator.process_index,
-                                                 world_size=accelerator.num_processes)
-            self.loader = DataLoader(self.dataset, batch_size=cfg.per_device_batch_size, collate_fn=collator,
-                                     num_workers=cfg.num_workers)
+            # Each process reads its own shards through a seeded shuffle buffer, as one endless stream whose batch
+            # position (`skip`) restores it exactly (panfoma.data.streaming); batches are collated in this process.
+            self.stream = ShardedStream(dataset, rank=accelerator.process_index, world_size=accelerator.num_processes,
+                                        seed=cfg.seed, buffer_size=cfg.shuffle_buffer, shuffle=shuffle)
+            self.collator, self.batch_size = collator, cfg.per_device_batch_size
+            if cfg.num_workers:
+                logger.info("streaming: num_workers=%d ignored (the stream is read in the training process)",
+                            cfg.num_workers)
         else:
             # A private generator keeps DataLoader from drawing on the global torch RNG (dropout's).
             loader = DataLoader(dataset, batch_size=cfg.per_device_batch_size, shuffle=shuffle, collate_fn=collator,
@@ -407,17 +409,20 @@ class _Loader:
         return len(self.loader)
 
     def epoch(self, epoch: int, skip: int = 0):
-        """Iterator over epoch `epoch`'s batches, the first `skip` skipped (on device)."""
+        """Iterator over epoch `epoch`'s batches, the first `skip` skipped (on device).
+
+        Streaming: training reads one endless stream (data epochs back to back; `epoch` stays 0 and `skip` is the
+        batch position, the same on every process); evaluation reads one pass.
+        """
+        if self.streaming:
+            for batch in self.stream.batches(self.collator, self.batch_size, start=skip, endless=self.stream.shuffle):
+                yield {k: v.to(self.accelerator.device) for k, v in batch.items()}
+            return
         self.loader.set_epoch(epoch) if hasattr(self.loader, "set_epoch") else None
-        if self.streaming and hasattr(self.dataset, "set_epoch"):
-            self.dataset.set_epoch(epoch)
         loader = self.accelerator.skip_first_batches(self.loader, skip) if skip else self.loader
         if skip and hasattr(loader, "set_epoch"):
             loader.set_epoch(epoch)
-        for batch in loader:
-            if self.streaming:
-                batch = {k: v.to(self.accelerator.device) for k, v in batch.items()}
-            yield batch
+        yield from loader
 
 
 def _model_inputs(batch: dict) -> dict:
