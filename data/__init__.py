@@ -10,6 +10,7 @@ from .builder import add_build_bench_arguments, build_bench, run_build_bench
 from .loading import REQUIRED_COLUMNS, concatenate_splits, load_bench, load_splits, with_unique_idx
 from .qc import PanFoMaBenchQCConfig
 from .splits import HELD_OUT_SPLIT, SPLITS
+from .streaming import ShardedStream
 from .studies import PanFoMaBenchStudy, read_study_table
 from .synthetic import SyntheticCohort, synthetic_adata, write_synthetic_dataset, write_synthetic_study
 
@@ -19,6 +20,7 @@ __all__ = [
     "PanFoMaBenchStudy",
     "REQUIRED_COLUMNS",
     "SPLITS",
+    "ShardedStream",
     "SyntheticCohort",
     "add_build_bench_arguments",
     "build_bench",

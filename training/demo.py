@@ -123,42 +123,15 @@ def pbmc_counts(max_cells: int | None = None, seed: int = 0):
 
 
 def synthetic_cohort(n_cells: int = 900, seed: int = 0):
-    """A generated pan-cancer cohort: 3 cancer types x 4 patients, 4 cell types with their own gene programmes.
+    """A generated pan-cancer cohort from the package's one generator (`panfoma.data.synthetic`).
 
-    Counts are negative-binomial-like (Poisson with gamma-distributed rates) on real HGNC symbols of the
-    package vocabulary; patients add a mild batch effect. Returns an AnnData with `cell_type`, `patient`,
-    `cancer_type`.
+    600 real HGNC symbols of the package vocabulary, 4 cell types with their own gene programmes, 12 patients over
+    3 cancer types (a mild per-patient depth effect), ~300 detected genes per cell of UMI-like counts. Returns an
+    AnnData with `cell_type`, `patient`, `cancer_type`.
     """
-    import anndata as ad
-    import scipy.sparse as sp
+    from panfoma.data.synthetic import synthetic_adata, vocabulary_genes
 
-    from panfoma.tokenization import PanFoMaGeneVocab
-
-    rng = np.random.default_rng(seed)
-    vocab = PanFoMaGeneVocab.from_default()
-    genes = [vocab.id_to_token(i) for i in range(vocab.n_special_tokens, vocab.n_special_tokens + 6000, 10)][:600]
-    cell_types = ["T cell", "B cell", "myeloid", "malignant"]
-    cancers = ["lung adenocarcinoma", "colorectal cancer", "melanoma"]
-    base = rng.lognormal(-1.0, 1.2, len(genes))
-    programmes = np.ones((len(cell_types), len(genes)))
-    for k in range(len(cell_types)):
-        marked = rng.choice(len(genes), 40, replace=False)
-        programmes[k, marked] *= rng.uniform(4, 12, marked.size)
-    patients = [f"{c.split()[0]}-P{p}" for c in cancers for p in range(4)]
-    patient_of = rng.integers(0, len(patients), n_cells)
-    type_of = rng.integers(0, len(cell_types), n_cells)
-    batch = rng.lognormal(0.0, 0.2, (len(patients), len(genes)))
-    depth = rng.lognormal(np.log(1500), 0.3, n_cells)
-    rates = base[None] * programmes[type_of] * batch[patient_of]
-    rates = rates / rates.sum(1, keepdims=True) * depth[:, None]
-    counts = rng.poisson(rng.gamma(2.0, rates / 2.0)).astype(np.float32)
-    adata = ad.AnnData(X=sp.csr_matrix(counts),
-                       obs={"cell_type": np.asarray(cell_types)[type_of],
-                            "patient": np.asarray(patients)[patient_of],
-                            "cancer_type": [cancers[p // 4] for p in patient_of]})
-    adata.var_names = genes
-    adata.obs_names = [f"cell{i}" for i in range(n_cells)]
-    return adata
+    return synthetic_adata(n_cells, vocabulary_genes(600), genes_per_cell=300, n_patients=12, seed=seed)
 
 
 def _resolve_source(source: str) -> str:
