@@ -181,6 +181,32 @@ def test_mouse_genes_are_refused_with_the_reason(tmp_path, tiny_model):
     assert not (tmp_path / "out.h5ad").exists()
 
 
+# ---------------------------------------------------------------------------------------------- finetune splits
+def test_finetune_on_one_donor_falls_back_to_a_cell_split_with_a_warning(tmp_path, tiny_model):
+    from panfoma.data.synthetic import write_synthetic_dataset
+
+    dataset = write_synthetic_dataset(tmp_path / "one-donor", {"train": 48}, n_patients=1)
+    result = run_cli("finetune", str(tiny_model), str(dataset), "-o", "ft", "--max-steps", "2", "--head-warmup-steps",
+                     "0", "--precision", "fp32", "--cpu", "--threads", "1", cwd=tmp_path, env={"HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    warning = next(line for line in result.stderr.splitlines() if "single donor" in line)
+    assert "WARNING" in warning and "--split-by cell" in warning and "within-donor" in warning
+    assert (tmp_path / "ft" / "config.json").is_file() and not list((tmp_path / "ft").glob("checkpoint-*"))
+    assert "test" in result.stdout and "macro-F1" in result.stdout  # the cell split has a test part
+
+
+def test_finetune_on_several_donors_without_splits_names_the_split_flag(tmp_path, tiny_model):
+    from panfoma.data.synthetic import write_synthetic_dataset
+
+    dataset = write_synthetic_dataset(tmp_path / "train-only", {"train": 48}, n_patients=4)
+    result = run_cli("finetune", str(tiny_model), str(dataset), "-o", "ft", "--threads", "1", cwd=tmp_path,
+                     env={"HF_HUB_OFFLINE": "1"})
+    line = assert_one_line_error(result, "needs train and validation splits", "--split-by patient")
+    assert "split_by=" not in line
+    assert not (tmp_path / "ft").exists()
+
+
 # ---------------------------------------------------------------------------------------------- the boundary
 def _run_with_handler(tmp_path, raised: str, *extra: str) -> subprocess.CompletedProcess:
     """Run `panfoma embed` with its handler replaced by one that raises `raised` (a Python expression).

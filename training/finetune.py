@@ -189,8 +189,8 @@ def prepare_splits(dataset_dict, label_column: str = "cell_type", split_by: str 
 
     def single_donor_fallback(reason: str) -> str:
         logger.warning("%s: the data come from a single donor (%r has one value), so no split can keep donors apart; "
-                       "falling back to split_by='cell' (stratified cells). This measures within-donor annotation, "
-                       "not generalisation to new donors.", reason, patient_column)
+                       "falling back to split_by='cell' (CLI: --split-by cell), a stratified split of cells. This "
+                       "measures within-donor annotation, not generalisation to new donors.", reason, patient_column)
         return "cell"
 
     n_patients = _n_patients(list(dataset_dict.values()), patient_column)
