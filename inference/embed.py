@@ -461,6 +461,9 @@ def embed_file(
     by `drop_empty_cells`), `obsm_key`. `precision` defaults to `"auto"` (bf16 autocast where the
     device supports bf16 natively, else fp32; see `resolve_precision`). Other arguments as in `embed_adata`.
 
+    A TileDB-SOMA experiment (CELLxGENE Census layout; folder or URI) is read instead of an .h5ad: see
+    `_embed_soma_experiment` (`layer` names its X layer, `gene_names` its var column).
+
     Example:
         >>> embed_file("my-model", "cells.h5ad", "cells.panfoma.h5ad")  # doctest: +SKIP
     """
@@ -468,6 +471,13 @@ def embed_file(
     import h5py
     from anndata.io import write_elem
 
+    from panfoma.data.soma import is_soma_experiment
+
+    if is_soma_experiment(input_h5ad):
+        return _embed_soma_experiment(model_name_or_path, input_h5ad, output_h5ad, batch_size=batch_size,
+                                      all_genes=all_genes, max_genes=max_genes, layer=layer, gene_names=gene_names,
+                                      device=device, precision=precision, drop_empty_cells=drop_empty_cells, key=key,
+                                      overwrite=overwrite, progress=progress)
     source = Path(input_h5ad)
     output = Path(output_h5ad)
     if not source.is_file():
@@ -508,6 +518,45 @@ def embed_file(
             target.unlink(missing_ok=True)
         raise
     logger.info("wrote %d x %d embeddings (%s) to %s obsm[%r]", *embedding.shape, metadata["precision"], output, key)
+    return output
+
+
+def _embed_soma_experiment(model_name_or_path, uri, output_h5ad, *, layer, gene_names, key, overwrite,
+                            **embed_kwargs) -> Path:
+    """`embed_file` for a SOMA experiment: every cell, read by joinid range (`panfoma.data.soma`).
+
+    The output .h5ad holds no expression: obs (index and column `soma_joinid`, one row per cell in joinid order),
+    `obsm[key]` and `uns[embedding_metadata_key(key)]`. `layer` is the X layer (default Census' `"raw"`),
+    `gene_names` the var column of gene names (default Census' `"feature_id"`, Ensembl IDs).
+    """
+    import anndata as ad
+    import pandas as pd
+
+    from panfoma.data.soma import DEFAULT_GENE_COLUMN, DEFAULT_LAYER, SomaCells, SomaExperimentReader
+
+    output = Path(output_h5ad)
+    if output.exists() and not overwrite:
+        raise FileExistsError(f"{output} already exists; pass overwrite=True (CLI: --overwrite) to replace it.")
+    _check_precision(embed_kwargs["precision"])  # before loading the model
+    model, processor = load_model_and_processor(model_name_or_path, device=embed_kwargs.pop("device"))
+    with SomaExperimentReader(uri, layer=layer or DEFAULT_LAYER, gene_column=gene_names or DEFAULT_GENE_COLUMN) as soma:
+        cells = SomaCells(soma)  # row i = joinid i
+        embedding, metadata = _embed(model, processor, cells, layer=None, gene_names=None, seed=None, device=None,
+                                     **embed_kwargs)
+    joinids = np.arange(embedding.shape[0])
+    adata = ad.AnnData(obs=pd.DataFrame({"soma_joinid": joinids}, index=joinids.astype(str)),
+                       obsm={key: embedding})
+    adata.uns[embedding_metadata_key(key)] = {**metadata, "model": str(model_name_or_path), "obsm_key": key,
+                                              "soma_experiment": str(uri)}
+    output.parent.mkdir(parents=True, exist_ok=True)
+    partial = output.with_name(f".{output.name}.partial-{os.getpid()}")
+    try:
+        adata.write_h5ad(partial)
+        os.replace(partial, output)
+    finally:
+        partial.unlink(missing_ok=True)
+    logger.info("wrote %d x %d embeddings (%s) of SOMA experiment %s to %s obsm[%r]", *embedding.shape,
+                metadata["precision"], uri, output, key)
     return output
 
 

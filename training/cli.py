@@ -252,9 +252,14 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
 def _cmd_embed(args: argparse.Namespace) -> int:
     if not str(args.output).endswith(".h5ad"):
         raise PanFoMaUsageError(f"--output {args.output}: the output is an .h5ad file; name it e.g. cells.panfoma.h5ad")
+    from panfoma.data.soma import is_soma_experiment
+
     with tempfile.TemporaryDirectory(prefix="panfoma-input-") as workdir:
-        source = _prepare_input(args.input, "input", Path(workdir))
-        _check_layer(source, args.layer)
+        if is_soma_experiment(args.input):  # a TileDB-SOMA experiment: --layer is its X layer (default 'raw')
+            source = args.input
+        else:
+            source = _prepare_input(args.input, "input", Path(workdir))
+            _check_layer(source, args.layer)
         _check_model(args.model, "model")
         _import_library()
         import h5py
@@ -393,7 +398,9 @@ def _cmd_push(args: argparse.Namespace) -> int:
 def _add_embed_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="PanFoMa model folder (with its processor) or Hub id")
     parser.add_argument("input", help="input .h5ad (raw counts in X, or --layer); read backed. .csv/.tsv and .loom "
-                        "files are read with anndata's readers")
+                        "files are read with anndata's readers; a TileDB-SOMA experiment folder or URI (CELLxGENE "
+                        "Census layout: X layer 'raw' or --layer, Ensembl IDs in var 'feature_id' or --gene-names; "
+                        "needs pip install 'panfoma[soma]') is read by cell range and the output holds obs + obsm")
     parser.add_argument("-o", "--output", required=True, help="output .h5ad (the input plus obsm[KEY]); may be the input")
     parser.add_argument("--batch-size", type=int, default=64, help="cells per forward pass")
     parser.add_argument("--all-genes", action="store_true", help="use every expressed gene of each cell")

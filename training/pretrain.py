@@ -100,7 +100,8 @@ class PretrainingConfig:
 
     Attributes:
         dataset: PanFoMaBench folder (`panfoma build-bench`) or any `datasets` folder with columns `idx`,
-            `gene_ids` (vocabulary token ids) and `counts`.
+            `gene_ids` (vocabulary token ids) and `counts`; or a TileDB-SOMA experiment folder / URI in the
+            CELLxGENE Census layout (`ms["RNA"].X["raw"]`, Ensembl IDs in var `feature_id`; needs `streaming`).
         output_dir: where the final model, checkpoints and logs go.
         train_split / eval_split: split names (`eval_split: null` disables evaluation).
         streaming: read the dataset with `streaming=True` (corpora larger than memory; needs `max_steps`).
@@ -194,6 +195,11 @@ class PretrainingConfig:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}.")
         if self.max_steps <= 0 and self.num_epochs <= 0:
             raise ValueError("set max_steps > 0 or num_epochs > 0.")
+        from panfoma.data.soma import is_soma_experiment
+
+        if is_soma_experiment(self.dataset) and not self.streaming:
+            raise ValueError(f"{self.dataset} is a TileDB-SOMA experiment, which is read as a stream by cell range: "
+                             "add --streaming (YAML `streaming: true`) and --max-steps.")
         if self.streaming and self.max_steps <= 0:
             raise ValueError("a streaming dataset has no known length: set max_steps (e.g. --max-steps 100000).")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
@@ -602,6 +608,10 @@ def accelerate_config_path(name: str = "fsdp") -> Path:
 
 def _make_loaders(cfg: PretrainingConfig, accelerator, model, processor):
     """`(train, evaluation or None)` loaders; `cfg.eval_split` is set to None when the dataset lacks it."""
+    from panfoma.data.soma import is_soma_experiment
+
+    if is_soma_experiment(cfg.dataset):
+        return _soma_loaders(cfg, accelerator, model, processor)
     check_dataset_vocabulary(cfg.dataset, processor)
     splits = [cfg.train_split]
     if cfg.eval_split:
@@ -616,6 +626,17 @@ def _make_loaders(cfg: PretrainingConfig, accelerator, model, processor):
     evaluation = (_Loader(accelerator, data[cfg.eval_split], make_collator(processor, model.config, seed=cfg.seed),
                           cfg, shuffle=False) if cfg.eval_split else None)
     return train, evaluation
+
+
+def _soma_loaders(cfg: PretrainingConfig, accelerator, model, processor):
+    """A TileDB-SOMA experiment (Census layout) as one streamed training split, one shard per cell range."""
+    from panfoma.data.soma import soma_pretraining_dataset
+
+    if cfg.eval_split:
+        logger.warning("a SOMA experiment has no %r split: no evaluation during pretraining", cfg.eval_split)
+        cfg.eval_split = None
+    train = soma_pretraining_dataset(cfg.dataset, processor.vocab)
+    return _Loader(accelerator, train, make_collator(processor, model.config, seed=cfg.seed), cfg, shuffle=True), None
 
 
 def _total_steps(cfg: PretrainingConfig, train: _Loader) -> int:
