@@ -1,17 +1,22 @@
-"""The shared skeleton of the evaluation tasks: validate inputs -> subsample -> embed -> seeds -> tracks.
+"""The shared skeleton of the evaluation tasks: validate -> subsample -> embed -> seeds -> report.
 
-Owns what every task repeats: the two model interfaces (``embed_fn(adata) -> (n_cells, d)`` array, or a
-precomputed ``adata.obsm[key]``; ``finetune_fn(train, val, label_key, seed) -> predict_fn``), input checks
-(required obs columns, usable labels, gene-name standardisation), stratified subsampling, patient-grouped
-splits, building the baseline / model / random-init / fine-tuned tracks of one seed, and the mean +- sd
-summaries over seeds. Track names: ``<model_name>_linear_probe`` / ``_zero_shot`` (model),
-``<model_name>_random_init`` (control), ``<model_name>_finetuned`` and ``baseline_pca_hvg``.
+Owns what every task repeats, in `run_task`: validate the input (a task's ``prepare``: required obs columns,
+usable labels, classes kept), optionally subsample per seed, embed the cells with the model and the random-init
+control (`ModelSources`: ``embed_fn(adata) -> (n_cells, d)`` array, or a precomputed ``adata.obsm[key]``), score
+each seed (a task's ``score``: ``{track: {metric: value}}``), then the report: data, protocol (seeds and where the
+embeddings came from), ``tracks.<track>.summary.<metric>`` mean +- sd over seeds, written when asked. Also the
+pieces tasks combine inside a seed: stratified subsampling, patient-grouped splits, the baseline / probe /
+fine-tuned tracks (``finetune_fn(train, val, label_key, seed) -> predict_fn``), gene-name standardisation.
+Track names: ``<model_name>_linear_probe`` / ``_zero_shot`` (model), ``<model_name>_random_init`` (control),
+``<model_name>_finetuned`` and ``baseline_pca_hvg``.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -50,6 +55,125 @@ def _resolve_embedding(adata, embed_fn: EmbedFn | None, embedding_key: str | Non
     if not np.isfinite(embedding).all():
         raise ValueError(f"{what}: embedding contains NaN or infinite values.")
     return embedding
+
+
+@dataclass(frozen=True)
+class ModelSources:
+    """Where a task gets the model's and the random-init control's cell embeddings: a function or an obsm key each
+    (both None: that track is not run)."""
+
+    embed_fn: EmbedFn | None = None
+    embedding_key: str | None = None
+    random_init_embed_fn: EmbedFn | None = None
+    random_init_embedding_key: str | None = None
+
+    def resolve(self, adata, what: str, control_what: str | None = None):
+        """``(model embedding, control embedding)`` of ``adata``, each ``(n_cells, d)`` float32 or None."""
+        model = _resolve_embedding(adata, self.embed_fn, self.embedding_key, what)
+        control = _resolve_embedding(adata, self.random_init_embed_fn, self.random_init_embedding_key,
+                                     control_what or f"{what} (random init)")
+        return model, control
+
+    def protocol(self) -> dict:
+        return {"embedding": _embedding_source(self.embed_fn, self.embedding_key),
+                "random_init_control": _embedding_source(self.random_init_embed_fn, self.random_init_embedding_key,
+                                                         "not run")}
+
+
+@dataclass
+class TaskData:
+    """A task's validated input: the cells evaluated (``adata``), the query cells of a transfer (``query``) and
+    what validation derived (labels, groups, classes kept or dropped ...), for the task's own steps."""
+
+    adata: Any
+    query: Any = None
+    values: dict = field(default_factory=dict)
+
+
+@dataclass
+class Embeddings:
+    """The cell embeddings of one evaluation: model and control, of ``adata`` and (transfer) of ``query``."""
+
+    model: np.ndarray | None
+    control: np.ndarray | None
+    query_model: np.ndarray | None = None
+    query_control: np.ndarray | None = None
+
+
+def run_task(
+    task: str,
+    adata,
+    sources: ModelSources,
+    *,
+    seeds: Sequence[int],
+    prepare: Callable[[Any], TaskData],
+    score: Callable[[int, TaskData, Embeddings], Mapping[str, Mapping[str, float]]],
+    describe: Callable[[TaskData, Embeddings | None], dict],
+    headline_metrics: Sequence[str],
+    output_dir: str | Path | None = None,
+    subsample: Callable[[TaskData, int], TaskData] | None = None,
+    what: str | None = None,
+    progress: str | None = None,
+) -> dict:
+    """The one skeleton of the evaluation tasks: validate -> subsample -> embed -> seeds -> report.
+
+    Args:
+        task: the task's name (``report["task"]``, file names ``eval_<task>.*``).
+        adata: the input, handed to ``prepare``.
+        sources: the model's and the control's embeddings (`ModelSources`).
+        seeds: one ``score`` call per seed (at least one).
+        prepare: validates the input and returns the `TaskData` to evaluate (raises ValueError on bad input).
+        score: ``(seed, data, embeddings) -> {track: {metric: value}}`` for one seed.
+        describe: ``(data, embeddings) -> {"data": ..., "protocol": ..., **other report sections}``, called after
+            the seeds (``embeddings`` is None when they were made per seed).
+        headline_metrics: the metrics the Markdown table shows.
+        output_dir: where to write ``eval_<task>.{json,md}`` and plots (None: nothing written).
+        subsample: ``(data, seed) -> data`` per seed; the cells are then embedded per seed too.
+        what: the name used in error messages (default ``evaluate_<task>``).
+        progress: the progress bar's label.
+
+    Returns:
+        the report: ``task``, ``data``, ``protocol`` (with ``seeds``, ``embedding``, ``random_init_control``),
+        ``tracks.<track>.per_seed`` / ``.summary.<metric>.{mean,sd,values}``, ``headline_metrics`` and the other
+        sections of ``describe``.
+    """
+    from tqdm.auto import tqdm
+
+    from .report import write_report
+
+    what = what or f"evaluate_{task}"
+    if not seeds:
+        raise ValueError("seeds must contain at least one seed.")
+    data = prepare(adata)
+
+    def embed(part: TaskData) -> Embeddings:
+        if part.query is None:
+            return Embeddings(*sources.resolve(part.adata, what))
+        query = sources.resolve(part.query, f"{what} (query)", f"{what} (query, random init)")
+        reference = sources.resolve(part.adata, f"{what} (reference)", f"{what} (reference, random init)")
+        return Embeddings(*reference, *query)
+
+    embeddings = embed(data) if subsample is None else None
+    runs: dict[str, list[dict]] = {}
+    for seed in tqdm(list(seeds), desc=progress or f"{task} seeds"):
+        part, part_embeddings = data, embeddings
+        if subsample is not None:
+            part = subsample(data, seed)
+            part_embeddings = embed(part)
+        for name, metrics in score(seed, part, part_embeddings).items():
+            runs.setdefault(name, []).append({"seed": int(seed), **metrics})
+    sections = dict(describe(data, embeddings))
+    report = {
+        "task": task,
+        "data": sections.pop("data"),
+        "protocol": {**sections.pop("protocol"), "seeds": [int(s) for s in seeds], **sources.protocol()},
+        "tracks": {name: {"per_seed": r, "summary": _summarise_runs(r)} for name, r in runs.items()},
+        "headline_metrics": list(headline_metrics),
+        **sections,
+    }
+    if output_dir is not None:
+        write_report(report, output_dir)
+    return report
 
 
 def standardize_gene_names(adata, min_match_fraction: float = 0.5):
@@ -116,13 +240,17 @@ def _track_predictions(
     return {name: np.asarray(fit_predict(*split)).astype(str) for name, fit_predict in tracks.items()}
 
 
-def _probe_embeddings(model_name: str, model: tuple, control: tuple) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Linear-probe tracks: ``<model_name>_linear_probe`` and ``<model_name>_random_init`` where embeddings exist."""
+def _probe_embeddings(model_name: str, embeddings: Embeddings, transfer: bool = False,
+                      ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Linear-probe tracks ``<model_name>_linear_probe`` / ``<model_name>_random_init`` where embeddings exist:
+    ``(embedding of the training cells' AnnData, embedding of the test cells' AnnData)`` (the query's in transfer)."""
     tracks = {}
-    if model[0] is not None:
-        tracks[f"{model_name}_linear_probe"] = model
-    if control[0] is not None:
-        tracks[f"{model_name}_random_init"] = control
+    if embeddings.model is not None:
+        tracks[f"{model_name}_linear_probe"] = (
+            embeddings.model, embeddings.query_model if transfer else embeddings.model)
+    if embeddings.control is not None:
+        tracks[f"{model_name}_random_init"] = (
+            embeddings.control, embeddings.query_control if transfer else embeddings.control)
     return tracks
 
 
@@ -229,6 +357,6 @@ def usable_labels(values: pd.Series, column: str) -> np.ndarray:
 
 
 __all__ = [
-    "BASELINE_TRACK", "DEFAULT_SEEDS", "EmbedFn", "FinetuneFn", "PredictFn", "require_obs_columns",
-    "standardize_gene_names", "usable_labels",
+    "BASELINE_TRACK", "DEFAULT_SEEDS", "EmbedFn", "Embeddings", "FinetuneFn", "ModelSources", "PredictFn",
+    "TaskData", "require_obs_columns", "run_task", "standardize_gene_names", "usable_labels",
 ]

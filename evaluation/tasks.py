@@ -51,9 +51,11 @@ from .skeleton import (
     BASELINE_TRACK,
     DEFAULT_SEEDS,
     EmbedFn,
+    Embeddings,
     FinetuneFn,
+    ModelSources,
+    TaskData,
     _build_tracks,
-    _embedding_source,
     _grouped_splits,
     _probe_embeddings,
     _resolve_embedding,
@@ -61,6 +63,7 @@ from .skeleton import (
     _summarise_runs,
     _track_predictions,
     require_obs_columns,
+    run_task,
     usable_labels,
 )
 
@@ -121,85 +124,85 @@ def evaluate_pancancer(
         raise ValueError(f"group_by must be 'patient' or 'study', got {group_by!r}.")
     if group_by == "study" and study_key is None:
         raise ValueError("group_by='study' needs study_key (the obs column naming each cell's study).")
-    if not seeds:
-        raise ValueError("seeds must contain at least one seed.")
-    require_obs_columns(adata, [label_key, patient_key, study_key], "evaluate_pancancer")
-    labels_all = usable_labels(adata.obs[label_key], label_key)
-    patients_all = usable_labels(adata.obs[patient_key], patient_key)
-    studies_all = adata.obs[study_key].astype(str).to_numpy() if study_key else None
-    groups_all = patients_all if group_by == "patient" else studies_all
 
-    group_counts = pd.Series(groups_all).groupby(labels_all).nunique()
-    kept_classes = sorted(group_counts.index[group_counts >= min_groups_per_class])
-    excluded = {c: int(n) for c, n in group_counts.items() if n < min_groups_per_class}
-    if excluded:
-        logger.warning("excluding classes with < %d %s groups: %s", min_groups_per_class, group_by, excluded)
-    if len(kept_classes) < 2:
-        raise ValueError(
-            f"Fewer than two cancer types have >= {min_groups_per_class} {group_by}s ({dict(group_counts)}); "
-            "a grouped evaluation is impossible. Add patients/studies or lower min_groups_per_class."
-        )
-    mask = np.isin(labels_all, kept_classes)
-    adata = adata[mask].copy()
-    labels, patients, groups = labels_all[mask], patients_all[mask], groups_all[mask]
-    studies = studies_all[mask] if studies_all is not None else None
-    n_splits = int(min(n_splits, group_counts[kept_classes].min()))
+    def prepare(adata) -> TaskData:
+        require_obs_columns(adata, [label_key, patient_key, study_key], "evaluate_pancancer")
+        labels_all = usable_labels(adata.obs[label_key], label_key)
+        patients_all = usable_labels(adata.obs[patient_key], patient_key)
+        studies_all = adata.obs[study_key].astype(str).to_numpy() if study_key else None
+        groups_all = patients_all if group_by == "patient" else studies_all
+        group_counts = pd.Series(groups_all).groupby(labels_all).nunique()
+        kept_classes = sorted(group_counts.index[group_counts >= min_groups_per_class])
+        excluded = {c: int(n) for c, n in group_counts.items() if n < min_groups_per_class}
+        if excluded:
+            logger.warning("excluding classes with < %d %s groups: %s", min_groups_per_class, group_by, excluded)
+        if len(kept_classes) < 2:
+            raise ValueError(
+                f"Fewer than two cancer types have >= {min_groups_per_class} {group_by}s ({dict(group_counts)}); "
+                "a grouped evaluation is impossible. Add patients/studies or lower min_groups_per_class."
+            )
+        mask = np.isin(labels_all, kept_classes)
+        kept = adata[mask].copy()
+        return TaskData(kept, values={
+            "labels": labels_all[mask], "patients": patients_all[mask], "groups": groups_all[mask],
+            "studies": studies_all[mask] if studies_all is not None else None, "lognorm": log_normalize(kept),
+            "n_splits": int(min(n_splits, group_counts[kept_classes].min())), "group_counts": group_counts,
+            "kept_classes": kept_classes, "excluded": excluded,
+        })
 
-    embedding = _resolve_embedding(adata, embed_fn, embedding_key, "evaluate_pancancer")
-    control = _resolve_embedding(adata, random_init_embed_fn, random_init_embedding_key,
-                                 "evaluate_pancancer (random init)")
-    probe_embeddings = _probe_embeddings(model_name, (embedding, embedding), (control, control))
-    lognorm = log_normalize(adata)
-
-    runs: dict[str, list[dict]] = {}
-    for seed in tqdm(list(seeds), desc="pan-cancer seeds"):
-        tracks = _build_tracks(adata, lognorm, labels, label_key, probe_embeddings, finetune_fn, seed, c_grid,
-                               n_top_genes, n_components, model_name=model_name)
+    def score(seed: int, data: TaskData, embeddings: Embeddings) -> dict:
+        labels, patients = data.values["labels"], data.values["patients"]
+        tracks = _build_tracks(data.adata, data.values["lognorm"], labels, label_key,
+                               _probe_embeddings(model_name, embeddings), finetune_fn, seed, c_grid, n_top_genes,
+                               n_components, model_name=model_name)
         pooled = {name: np.empty(len(labels), dtype=object) for name in tracks}
-        for fit_idx, val_idx, test_idx in _grouped_splits(labels, groups, n_splits, seed):
+        for fit_idx, val_idx, test_idx in _grouped_splits(labels, data.values["groups"], data.values["n_splits"], seed):
             for name, pred in _track_predictions(tracks, (fit_idx, val_idx, test_idx)).items():
                 pooled[name][test_idx] = pred
+        results = {}
         for name, pred in pooled.items():
             pred = pred.astype(str)
             cell = classification_metrics(labels, pred)
             _, patient_true, patient_pred = majority_vote(labels, pred, patients)
             patient = classification_metrics(patient_true, patient_pred)
-            runs.setdefault(name, []).append({
-                "seed": int(seed),
-                "cell_accuracy": cell["accuracy"], "cell_macro_f1": cell["macro_f1"],
-                "patient_accuracy": patient["accuracy"], "patient_macro_f1": patient["macro_f1"],
-            })
+            results[name] = {"cell_accuracy": cell["accuracy"], "cell_macro_f1": cell["macro_f1"],
+                             "patient_accuracy": patient["accuracy"], "patient_macro_f1": patient["macro_f1"]}
+        return results
 
-    confound = None
-    if studies is not None:
-        confound = _study_confound(adata, lognorm, studies, labels, embedding, seeds, c_grid, n_top_genes, n_components,
-                                   model_name)
+    def describe(data: TaskData, embeddings: Embeddings) -> dict:
+        v = data.values
+        labels, patients, group_counts = v["labels"], v["patients"], v["group_counts"]
+        confound = None
+        if v["studies"] is not None:
+            confound = _study_confound(data.adata, v["lognorm"], v["studies"], labels, embeddings.model, seeds, c_grid,
+                                       n_top_genes, n_components, model_name)
+        return {
+            "data": {
+                "dataset": dataset_name, "n_cells": int(data.adata.n_obs),
+                "n_patients": int(len(np.unique(patients))),
+                "classes": {c: int(n) for c, n in zip(*np.unique(labels, return_counts=True))},
+                "patients_per_class": {c: int(group_counts[c]) for c in v["kept_classes"]} if group_by == "patient"
+                else pd.Series(patients).groupby(labels).nunique().astype(int).to_dict(),
+                "excluded_classes": v["excluded"], "label_key": label_key, "patient_key": patient_key,
+                "study_key": study_key,
+            },
+            "protocol": {
+                "split": f"StratifiedGroupKFold over {group_by}s, {v['n_splits']} folds per seed, predictions pooled "
+                "over folds; validation = one grouped inner fold of each training fold (probe C chosen there), then "
+                "refit on train+val",
+                "group_by": group_by, "c_grid": list(c_grid),
+                "baseline": f"PCA ({n_components} comps) of log-normalised top-{n_top_genes} HVGs fitted on training "
+                "cells + logistic regression",
+                "patient_level": "majority vote of the patient's test-cell predictions",
+            },
+            "confound": confound,
+        }
 
-    report = {
-        "task": "pancancer",
-        "data": {
-            "dataset": dataset_name, "n_cells": int(adata.n_obs), "n_patients": int(len(np.unique(patients))),
-            "classes": {c: int(n) for c, n in zip(*np.unique(labels, return_counts=True))},
-            "patients_per_class": {c: int(group_counts[c]) for c in kept_classes} if group_by == "patient"
-            else pd.Series(patients).groupby(labels).nunique().astype(int).to_dict(),
-            "excluded_classes": excluded, "label_key": label_key, "patient_key": patient_key, "study_key": study_key,
-        },
-        "protocol": {
-            "split": f"StratifiedGroupKFold over {group_by}s, {n_splits} folds per seed, predictions pooled over folds;"
-            " validation = one grouped inner fold of each training fold (probe C chosen there), then refit on train+val",
-            "seeds": [int(s) for s in seeds], "group_by": group_by, "c_grid": list(c_grid),
-            "baseline": f"PCA ({n_components} comps) of log-normalised top-{n_top_genes} HVGs fitted on training cells + logistic regression",
-            "patient_level": "majority vote of the patient's test-cell predictions",
-            "embedding": _embedding_source(embed_fn, embedding_key),
-            "random_init_control": _embedding_source(random_init_embed_fn, random_init_embedding_key, "not run"),
-        },
-        "tracks": {name: {"per_seed": r, "summary": _summarise_runs(r)} for name, r in runs.items()},
-        "confound": confound,
-        "headline_metrics": ["cell_accuracy", "cell_macro_f1", "patient_accuracy", "patient_macro_f1"],
-    }
-    if output_dir is not None:
-        write_report(report, output_dir)
-    return report
+    return run_task("pancancer", adata, ModelSources(embed_fn, embedding_key, random_init_embed_fn,
+                                                     random_init_embedding_key),
+                    seeds=seeds, prepare=prepare, score=score, describe=describe,
+                    headline_metrics=["cell_accuracy", "cell_macro_f1", "patient_accuracy", "patient_macro_f1"],
+                    output_dir=output_dir, progress="pan-cancer seeds")
 
 
 def _study_confound(adata, lognorm, studies, labels, embedding, seeds, c_grid, n_top_genes, n_components,
@@ -293,91 +296,88 @@ def evaluate_annotation(
     """
     from sklearn.model_selection import train_test_split
 
-    if not seeds:
-        raise ValueError("seeds must contain at least one seed.")
-    require_obs_columns(adata, [label_key], "evaluate_annotation (reference)")
-    if query is not None:
-        require_obs_columns(query, [label_key], "evaluate_annotation (query)")
-    ref_labels = usable_labels(adata.obs[label_key], label_key)
-    counts = pd.Series(ref_labels).value_counts()
-    dropped = {c: int(n) for c, n in counts.items() if n < min_cells_per_class}
-    keep = ~np.isin(ref_labels, list(dropped))
-    if dropped:
-        logger.warning("dropping classes with < %d cells: %s", min_cells_per_class, dropped)
-    adata = adata[keep].copy()
-    ref_labels = ref_labels[keep]
-    if len(np.unique(ref_labels)) < 2:
-        raise ValueError(f"Need at least two cell types with >= {min_cells_per_class} cells in obs['{label_key}'].")
+    def prepare(adata) -> TaskData:
+        require_obs_columns(adata, [label_key], "evaluate_annotation (reference)")
+        if query is not None:
+            require_obs_columns(query, [label_key], "evaluate_annotation (query)")
+        ref_labels = usable_labels(adata.obs[label_key], label_key)
+        counts = pd.Series(ref_labels).value_counts()
+        dropped = {c: int(n) for c, n in counts.items() if n < min_cells_per_class}
+        keep = ~np.isin(ref_labels, list(dropped))
+        if dropped:
+            logger.warning("dropping classes with < %d cells: %s", min_cells_per_class, dropped)
+        adata = adata[keep].copy()
+        ref_labels = ref_labels[keep]
+        if len(np.unique(ref_labels)) < 2:
+            raise ValueError(f"Need at least two cell types with >= {min_cells_per_class} cells in obs['{label_key}'].")
+        values = {"labels": ref_labels, "dropped": dropped, "unseen": {}, "query_labels": None,
+                  "lognorm": log_normalize(adata), "query_lognorm": None}
+        if query is not None:
+            query_labels = usable_labels(query.obs[label_key], label_key)
+            values["query_labels"] = query_labels
+            values["unseen"] = {c: int(n) for c, n in pd.Series(query_labels).value_counts().items()
+                                if c not in set(ref_labels)}
+            shared = adata.var_names.intersection(query.var_names)
+            if len(shared) < 200:
+                raise ValueError(f"Reference and query share only {len(shared)} genes; standardise gene names first.")
+            # The baseline needs one gene space: restrict both sides to the shared genes.
+            values["lognorm"] = values["lognorm"][:, shared].copy()
+            values["query_lognorm"] = log_normalize(query)[:, shared].copy()
+        return TaskData(adata, query, values)
 
-    query_labels = query_embedding = query_lognorm = None
-    unseen: dict[str, int] = {}
-    if query is not None:
-        query_labels = usable_labels(query.obs[label_key], label_key)
-        unseen = {c: int(n) for c, n in pd.Series(query_labels).value_counts().items() if c not in set(ref_labels)}
-        shared = adata.var_names.intersection(query.var_names)
-        if len(shared) < 200:
-            raise ValueError(f"Reference and query share only {len(shared)} genes; standardise gene names first.")
-        query_embedding = _resolve_embedding(query, embed_fn, embedding_key, "evaluate_annotation (query)")
-        query_control = _resolve_embedding(query, random_init_embed_fn, random_init_embedding_key,
-                                           "evaluate_annotation (query, random init)")
-    embedding = _resolve_embedding(adata, embed_fn, embedding_key, "evaluate_annotation (reference)")
-    control = _resolve_embedding(adata, random_init_embed_fn, random_init_embedding_key,
-                                 "evaluate_annotation (reference, random init)")
-    if query is None:
-        query_embedding, query_control = embedding, control
-    probe_embeddings = _probe_embeddings(model_name, (embedding, query_embedding), (control, query_control))
-    lognorm = log_normalize(adata)
-    if query is not None:
-        # The baseline needs one gene space: restrict both sides to the shared genes.
-        lognorm = lognorm[:, shared].copy()
-        query_lognorm = log_normalize(query)[:, shared].copy()
-
-    runs: dict[str, list[dict]] = {}
     confusion: dict[str, pd.DataFrame] = {}
-    for seed in tqdm(list(seeds), desc="annotation seeds"):
-        all_idx = np.arange(adata.n_obs)
+
+    def score(seed: int, data: TaskData, embeddings: Embeddings) -> dict:
+        ref_labels = data.values["labels"]
+        all_idx = np.arange(data.adata.n_obs)
         if query is None:
             train_idx, test_idx = train_test_split(all_idx, test_size=test_size, stratify=ref_labels, random_state=seed)
             test_truth = ref_labels[test_idx]
         else:
             train_idx, test_idx = all_idx, np.arange(query.n_obs)
-            test_truth = query_labels
+            test_truth = data.values["query_labels"]
         val_fraction = val_size / (1 - test_size) if query is None else val_size
-        fit_idx, val_idx = train_test_split(train_idx, test_size=val_fraction, stratify=ref_labels[train_idx], random_state=seed)
-        tracks = _build_tracks(adata, lognorm, ref_labels, label_key, probe_embeddings, finetune_fn, seed, c_grid,
-                               n_top_genes, n_components, query=query, query_lognorm=query_lognorm,
-                               model_name=model_name)
+        fit_idx, val_idx = train_test_split(train_idx, test_size=val_fraction, stratify=ref_labels[train_idx],
+                                            random_state=seed)
+        tracks = _build_tracks(data.adata, data.values["lognorm"], ref_labels, label_key,
+                               _probe_embeddings(model_name, embeddings, transfer=query is not None), finetune_fn,
+                               seed, c_grid, n_top_genes, n_components, query=query,
+                               query_lognorm=data.values["query_lognorm"], model_name=model_name)
+        results = {}
         for name, pred in _track_predictions(tracks, (np.sort(fit_idx), np.sort(val_idx), test_idx)).items():
             m = classification_metrics(test_truth, pred)
-            runs.setdefault(name, []).append({"seed": int(seed), "accuracy": m["accuracy"], "macro_f1": m["macro_f1"]})
+            results[name] = {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"]}
             if seed == seeds[0]:
                 confusion[name] = pd.crosstab(pd.Series(test_truth, name="true"), pd.Series(pred, name="predicted"))
+        return results
 
-    mode = "transfer" if query is not None else "stratified"
-    report = {
-        "task": "annotation",
-        "data": {
-            "dataset": dataset_name, "mode": mode, "n_reference_cells": int(adata.n_obs),
-            "n_query_cells": int(query.n_obs) if query is not None else None,
-            "classes": {c: int(n) for c, n in zip(*np.unique(ref_labels, return_counts=True))},
-            "dropped_classes": dropped, "unseen_query_types": unseen, "label_key": label_key,
-        },
-        "protocol": {
-            "split": (f"stratified: test {test_size:.0%}, validation {val_size:.0%} of cells" if query is None else
-                      f"transfer: train on reference (validation {val_size:.0%} stratified), test on all query cells"),
-            "seeds": [int(s) for s in seeds], "c_grid": list(c_grid),
-            "model_selection": "probe C by validation macro-F1; the fine-tuned hook receives only train/val",
-            "baseline": f"PCA ({n_components} comps) of log-normalised top-{n_top_genes} HVGs fitted on training cells + logistic regression",
-            "embedding": _embedding_source(embed_fn, embedding_key),
-            "random_init_control": _embedding_source(random_init_embed_fn, random_init_embedding_key, "not run"),
-        },
-        "tracks": {name: {"per_seed": r, "summary": _summarise_runs(r)} for name, r in runs.items()},
-        "headline_metrics": ["accuracy", "macro_f1"],
-        "confusion_first_seed": {k: v.to_dict() for k, v in confusion.items()},
-    }
-    if output_dir is not None:
-        write_report(report, output_dir)
-    return report
+    def describe(data: TaskData, embeddings: Embeddings) -> dict:
+        ref_labels = data.values["labels"]
+        return {
+            "data": {
+                "dataset": dataset_name, "mode": "transfer" if query is not None else "stratified",
+                "n_reference_cells": int(data.adata.n_obs),
+                "n_query_cells": int(query.n_obs) if query is not None else None,
+                "classes": {c: int(n) for c, n in zip(*np.unique(ref_labels, return_counts=True))},
+                "dropped_classes": data.values["dropped"], "unseen_query_types": data.values["unseen"],
+                "label_key": label_key,
+            },
+            "protocol": {
+                "split": (f"stratified: test {test_size:.0%}, validation {val_size:.0%} of cells" if query is None else
+                          f"transfer: train on reference (validation {val_size:.0%} stratified), test on all query "
+                          "cells"),
+                "c_grid": list(c_grid),
+                "model_selection": "probe C by validation macro-F1; the fine-tuned hook receives only train/val",
+                "baseline": f"PCA ({n_components} comps) of log-normalised top-{n_top_genes} HVGs fitted on training "
+                "cells + logistic regression",
+            },
+            "confusion_first_seed": {k: v.to_dict() for k, v in confusion.items()},
+        }
+
+    return run_task("annotation", adata, ModelSources(embed_fn, embedding_key, random_init_embed_fn,
+                                                      random_init_embedding_key),
+                    seeds=seeds, prepare=prepare, score=score, describe=describe,
+                    headline_metrics=["accuracy", "macro_f1"], output_dir=output_dir, progress="annotation seeds")
 
 
 def evaluate_integration(
@@ -416,65 +416,72 @@ def evaluate_integration(
     Example:
         >>> evaluate_integration(adata, embed_fn, batch_key="batch", label_key="cell_type")  # doctest: +SKIP
     """
-    import_eval_dependency("scib")
-    require_obs_columns(adata, [label_key, batch_key], "evaluate_integration")
-    usable_labels(adata.obs[label_key], label_key)
-    usable_labels(adata.obs[batch_key], batch_key)
-    if not seeds:
-        raise ValueError("seeds must contain at least one seed.")
-    runs: dict[str, list[dict]] = {}
+    def prepare(adata) -> TaskData:
+        import_eval_dependency("scib")
+        require_obs_columns(adata, [label_key, batch_key], "evaluate_integration")
+        usable_labels(adata.obs[label_key], label_key)
+        usable_labels(adata.obs[batch_key], batch_key)
+        return TaskData(adata)
+
+    def subsample(data: TaskData, seed: int) -> TaskData:
+        return TaskData(_subsample(data.adata, max_cells, [label_key, batch_key], seed))
+
     curves: dict[str, dict] = {}
-    for seed in tqdm(list(seeds), desc="integration seeds"):
-        sub = _subsample(adata, max_cells, [label_key, batch_key], seed)
-        embeddings: dict[str, np.ndarray] = {}
-        zero_shot = _resolve_embedding(sub, embed_fn, embedding_key, "evaluate_integration (zero-shot)")
-        if zero_shot is not None:
-            embeddings[f"{model_name}_zero_shot"] = zero_shot
-        control = _resolve_embedding(sub, random_init_embed_fn, random_init_embedding_key,
-                                     "evaluate_integration (random init)")
-        if control is not None:
-            embeddings[f"{model_name}_random_init"] = control
-        finetuned = _resolve_embedding(sub, finetuned_embed_fn, finetuned_embedding_key, "evaluate_integration (fine-tuned)")
+
+    def score(seed: int, part: TaskData, embeddings: Embeddings) -> dict:
+        sub = part.adata
+        tracks: dict[str, np.ndarray] = {}
+        if embeddings.model is not None:
+            tracks[f"{model_name}_zero_shot"] = embeddings.model
+        if embeddings.control is not None:
+            tracks[f"{model_name}_random_init"] = embeddings.control
+        finetuned = _resolve_embedding(sub, finetuned_embed_fn, finetuned_embedding_key,
+                                       "evaluate_integration (fine-tuned)")
         if finetuned is not None:
-            embeddings[f"{model_name}_finetuned"] = finetuned
+            tracks[f"{model_name}_finetuned"] = finetuned
         for name, emb in (extra_embeddings or {}).items():
             emb = np.asarray(emb)
             if emb.shape[0] != adata.n_obs:
                 raise ValueError(f"extra_embeddings['{name}'] has {emb.shape[0]} rows; adata has {adata.n_obs} cells.")
-            embeddings[name] = emb[np.asarray(adata.obs_names.get_indexer(sub.obs_names))]
-        embeddings[BASELINE_TRACK] = HVGPCABaseline(n_top_genes, n_components, seed).fit_transform(sub)
+            tracks[name] = emb[np.asarray(adata.obs_names.get_indexer(sub.obs_names))]
+        tracks[BASELINE_TRACK] = HVGPCABaseline(n_top_genes, n_components, seed).fit_transform(sub)
         labels = sub.obs[label_key].astype(str).to_numpy()
         batches = sub.obs[batch_key].astype(str).to_numpy()
-        for name, emb in embeddings.items():
+        results = {}
+        for name, emb in tracks.items():
             m = integration_metrics(emb, labels, batches, n_neighbors=n_neighbors, resolutions=resolutions,
                                     cluster_method=cluster_method, seed=seed)
             curves.setdefault(name, m.pop("nmi_by_resolution"))
-            runs.setdefault(name, []).append({"seed": int(seed), **m})
+            results[name] = m
+        return results
 
-    report = {
-        "task": "integration",
-        "data": {
-            "dataset": dataset_name, "n_cells": int(adata.n_obs), "n_cells_scored": int(min(adata.n_obs, max_cells or adata.n_obs)),
-            "batches": adata.obs[batch_key].astype(str).value_counts().to_dict(),
-            "cell_types": adata.obs[label_key].astype(str).value_counts().to_dict(),
-            "label_key": label_key, "batch_key": batch_key,
-        },
-        "protocol": {
-            "metrics": "scib: Avg_bio = mean(NMI, ARI, ASW_label); Avg_batch = mean(ASW_batch, graph connectivity)",
-            "graph": f"{n_neighbors}-NN (scanpy) on each embedding", "clustering": f"{cluster_method}, NMI-optimal over resolutions {list(resolutions)}",
-            "seeds": [int(s) for s in seeds], "seed_effect": "clustering random state (and subsample) only; no training",
-            "tracks": "zero-shot and fine-tuned PanFoMa embeddings are separate tracks",
-            "baseline": f"PCA ({n_components} comps) of log-normalised top-{n_top_genes} HVGs (unintegrated)",
-            "embedding": _embedding_source(embed_fn, embedding_key),
-            "random_init_control": _embedding_source(random_init_embed_fn, random_init_embedding_key, "not run"),
-        },
-        "tracks": {name: {"per_seed": r, "summary": _summarise_runs(r)} for name, r in runs.items()},
-        "nmi_by_resolution_first_seed": curves,
-        "headline_metrics": ["Avg_bio", "Avg_batch", "NMI", "ARI", "ASW_label", "ASW_batch", "graph_connectivity"],
-    }
-    if output_dir is not None:
-        write_report(report, output_dir)
-    return report
+    def describe(data: TaskData, embeddings: None) -> dict:
+        full = data.adata
+        return {
+            "data": {
+                "dataset": dataset_name, "n_cells": int(full.n_obs),
+                "n_cells_scored": int(min(full.n_obs, max_cells or full.n_obs)),
+                "batches": full.obs[batch_key].astype(str).value_counts().to_dict(),
+                "cell_types": full.obs[label_key].astype(str).value_counts().to_dict(),
+                "label_key": label_key, "batch_key": batch_key,
+            },
+            "protocol": {
+                "metrics": "scib: Avg_bio = mean(NMI, ARI, ASW_label); Avg_batch = mean(ASW_batch, graph connectivity)",
+                "graph": f"{n_neighbors}-NN (scanpy) on each embedding",
+                "clustering": f"{cluster_method}, NMI-optimal over resolutions {list(resolutions)}",
+                "seed_effect": "clustering random state (and subsample) only; no training",
+                "tracks": "zero-shot and fine-tuned PanFoMa embeddings are separate tracks",
+                "baseline": f"PCA ({n_components} comps) of log-normalised top-{n_top_genes} HVGs (unintegrated)",
+            },
+            "nmi_by_resolution_first_seed": curves,
+        }
+
+    return run_task("integration", adata, ModelSources(embed_fn, embedding_key, random_init_embed_fn,
+                                                       random_init_embedding_key),
+                    seeds=seeds, prepare=prepare, subsample=subsample, score=score, describe=describe,
+                    headline_metrics=["Avg_bio", "Avg_batch", "NMI", "ARI", "ASW_label", "ASW_batch",
+                                      "graph_connectivity"],
+                    output_dir=output_dir, progress="integration seeds")
 
 
 def evaluate_gene_programs(
@@ -637,60 +644,63 @@ def evaluate_multiomic(
     Example:
         >>> evaluate_multiomic(cite_adata, embed_fn, label_key="cell_type")  # doctest: +SKIP
     """
-    require_obs_columns(adata, [label_key, batch_key], "evaluate_multiomic")
-    labels = usable_labels(adata.obs[label_key], label_key)
-    batches = adata.obs[batch_key].astype(str).to_numpy() if batch_key else None
-    protein = _protein_matrix(adata, protein_key)
-    if protein.shape[0] != adata.n_obs:
-        raise ValueError(f"obsm['{protein_key}'] has {protein.shape[0]} rows; adata has {adata.n_obs} cells.")
-    if not seeds:
-        raise ValueError("seeds must contain at least one seed.")
-    rna = _resolve_embedding(adata, embed_fn, embedding_key, "evaluate_multiomic")
-    control = _resolve_embedding(adata, random_init_embed_fn, random_init_embedding_key,
-                                 "evaluate_multiomic (random init)")
-    runs: dict[str, list[dict]] = {}
-    for seed in tqdm(list(seeds), desc="multi-omic seeds"):
-        prot = protein_pca(protein, n_protein_components, seed)
-        rna_pca = HVGPCABaseline(n_top_genes, n_components, seed).fit_transform(adata)
-        embeddings = {}
+    def prepare(adata) -> TaskData:
+        require_obs_columns(adata, [label_key, batch_key], "evaluate_multiomic")
+        labels = usable_labels(adata.obs[label_key], label_key)
+        batches = adata.obs[batch_key].astype(str).to_numpy() if batch_key else None
+        protein = _protein_matrix(adata, protein_key)
+        if protein.shape[0] != adata.n_obs:
+            raise ValueError(f"obsm['{protein_key}'] has {protein.shape[0]} rows; adata has {adata.n_obs} cells.")
+        return TaskData(adata, values={"labels": labels, "batches": batches, "protein": protein})
+
+    def score(seed: int, data: TaskData, embeddings: Embeddings) -> dict:
+        rna, control = embeddings.model, embeddings.control
+        prot = protein_pca(data.values["protein"], n_protein_components, seed)
+        rna_pca = HVGPCABaseline(n_top_genes, n_components, seed).fit_transform(data.adata)
+        tracks = {}
         if rna is not None:
-            embeddings[f"{model_name}_rna+protein"] = np.concatenate([_block(rna), _block(prot)], axis=1)
-            embeddings[f"{model_name}_rna_only"] = rna
+            tracks[f"{model_name}_rna+protein"] = np.concatenate([_block(rna), _block(prot)], axis=1)
+            tracks[f"{model_name}_rna_only"] = rna
         if control is not None:
-            embeddings[f"{model_name}_random_init_rna+protein"] = np.concatenate([_block(control), _block(prot)], axis=1)
-            embeddings[f"{model_name}_random_init_rna_only"] = control
-        embeddings["baseline_pca_rna+protein"] = np.concatenate([_block(rna_pca), _block(prot)], axis=1)
-        embeddings["baseline_pca_rna_only"] = rna_pca
-        embeddings["protein_pca_only"] = prot
-        for name, emb in embeddings.items():
-            m = integration_metrics(emb, labels, batches, n_neighbors=n_neighbors, resolutions=resolutions,
-                                    cluster_method=cluster_method, seed=seed)
+            tracks[f"{model_name}_random_init_rna+protein"] = np.concatenate([_block(control), _block(prot)], axis=1)
+            tracks[f"{model_name}_random_init_rna_only"] = control
+        tracks["baseline_pca_rna+protein"] = np.concatenate([_block(rna_pca), _block(prot)], axis=1)
+        tracks["baseline_pca_rna_only"] = rna_pca
+        tracks["protein_pca_only"] = prot
+        results = {}
+        for name, emb in tracks.items():
+            m = integration_metrics(emb, data.values["labels"], data.values["batches"], n_neighbors=n_neighbors,
+                                    resolutions=resolutions, cluster_method=cluster_method, seed=seed)
             m.pop("nmi_by_resolution")
-            runs.setdefault(name, []).append({"seed": int(seed), **m})
-    report = {
-        "task": "multiomic",
-        "data": {
-            "dataset": dataset_name, "n_cells": int(adata.n_obs), "n_proteins": int(protein.shape[1]),
-            "cell_types": pd.Series(labels).value_counts().to_dict(),
-            "batches": pd.Series(batches).value_counts().to_dict() if batches is not None else None,
-            "label_key": label_key, "protein_key": protein_key,
-        },
-        "protocol": {
-            "joint_embedding": "concat of blocks (each: per-dim z-score, scaled to total variance 1): RNA embedding + "
-                               f"protein PCA ({n_protein_components} comps of CLR-normalised, standardised counts)",
-            "metrics": "scib Avg_bio = mean(NMI, ARI, ASW_label) (Avg_batch if batch_key)",
-            "clustering": f"{cluster_method}, NMI-optimal over {list(resolutions)}; {n_neighbors}-NN graph",
-            "seeds": [int(s) for s in seeds], "seed_effect": "clustering random state only; no training",
-            "baseline": f"concatenated per-modality PCA: RNA ({n_components} comps, top-{n_top_genes} HVGs) + protein",
-            "embedding": _embedding_source(embed_fn, embedding_key),
-            "random_init_control": _embedding_source(random_init_embed_fn, random_init_embedding_key, "not run"),
-        },
-        "tracks": {name: {"per_seed": r, "summary": _summarise_runs(r)} for name, r in runs.items()},
-        "headline_metrics": ["Avg_bio", "NMI", "ARI", "ASW_label", "Avg_batch"],
-    }
-    if output_dir is not None:
-        write_report(report, output_dir)
-    return report
+            results[name] = m
+        return results
+
+    def describe(data: TaskData, embeddings: Embeddings) -> dict:
+        labels, batches = data.values["labels"], data.values["batches"]
+        return {
+            "data": {
+                "dataset": dataset_name, "n_cells": int(data.adata.n_obs),
+                "n_proteins": int(data.values["protein"].shape[1]),
+                "cell_types": pd.Series(labels).value_counts().to_dict(),
+                "batches": pd.Series(batches).value_counts().to_dict() if batches is not None else None,
+                "label_key": label_key, "protein_key": protein_key,
+            },
+            "protocol": {
+                "joint_embedding": "concat of blocks (each: per-dim z-score, scaled to total variance 1): RNA "
+                f"embedding + protein PCA ({n_protein_components} comps of CLR-normalised, standardised counts)",
+                "metrics": "scib Avg_bio = mean(NMI, ARI, ASW_label) (Avg_batch if batch_key)",
+                "clustering": f"{cluster_method}, NMI-optimal over {list(resolutions)}; {n_neighbors}-NN graph",
+                "seed_effect": "clustering random state only; no training",
+                "baseline": f"concatenated per-modality PCA: RNA ({n_components} comps, top-{n_top_genes} HVGs) + "
+                "protein",
+            },
+        }
+
+    return run_task("multiomic", adata, ModelSources(embed_fn, embedding_key, random_init_embed_fn,
+                                                     random_init_embedding_key),
+                    seeds=seeds, prepare=prepare, score=score, describe=describe,
+                    headline_metrics=["Avg_bio", "NMI", "ARI", "ASW_label", "Avg_batch"], output_dir=output_dir,
+                    progress="multi-omic seeds")
 
 
 __all__ = [

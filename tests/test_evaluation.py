@@ -480,6 +480,40 @@ def test_integration_reports_the_random_init_control_beside_the_model():
     assert zero_shot != control  # two different embeddings, scored separately
 
 
+def test_run_task_skeleton_embeds_once_or_per_seed_subsample_and_reports_the_layout(toy_adata, tmp_path):
+    from panfoma.evaluation.skeleton import ModelSources, TaskData, run_task
+
+    seen = []
+
+    def embed_fn(adata):
+        seen.append(adata.n_obs)
+        return np.asarray(adata.X[:, :4], dtype=np.float32)
+
+    def score(seed, data, embeddings):
+        assert embeddings.model.shape == (data.adata.n_obs, 4) and embeddings.control is None
+        return {"track_a": {"metric": float(seed)}, "baseline_pca_hvg": {"metric": 1.0}}
+
+    def describe(data, embeddings):
+        return {"data": {"n_cells": data.adata.n_obs}, "protocol": {"split": "none"}, "extra": 7}
+
+    common = dict(seeds=(0, 2), prepare=lambda a: TaskData(a[:30].copy()), score=score, describe=describe,
+                  headline_metrics=["metric"])
+    report = run_task("toy", toy_adata, ModelSources(embed_fn), output_dir=tmp_path, **common)
+    assert seen == [30]  # validated cells embedded once, before the seeds
+    assert report["tracks"]["track_a"]["summary"]["metric"]["mean"] == 1.0
+    assert report["tracks"]["track_a"]["per_seed"] == [{"seed": 0, "metric": 0.0}, {"seed": 2, "metric": 2.0}]
+    assert report["protocol"]["seeds"] == [0, 2] and report["protocol"]["embedding"].startswith("embed_fn")
+    assert report["protocol"]["random_init_control"] == "not run" and report["extra"] == 7
+    assert json.loads((tmp_path / "eval_toy.json").read_text())["tracks"]["track_a"]["summary"]["metric"]["sd"] > 0
+
+    seen.clear()
+    run_task("toy", toy_adata, ModelSources(embed_fn), subsample=lambda d, seed: TaskData(d.adata[: 10 + seed]),
+             **common)
+    assert seen == [10, 12]  # a per-seed subsample is embedded per seed
+    with pytest.raises(ValueError, match="at least one seed"):
+        run_task("toy", toy_adata, ModelSources(embed_fn), **{**common, "seeds": ()})
+
+
 def test_model_finetune_fn_rejects_bad_schedule():
     with pytest.raises(ValueError, match="positive integers"):
         ev.model_finetune_fn("unused", "unused", max_steps=0)

@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 from transformers import BatchFeature, FeatureExtractionMixin
 from transformers.utils import cached_file
 
-from .binning import DEFAULT_N_BINS, value_mask_id, value_pad_id
+from .binning import DEFAULT_N_BINS, value_pad_id
 from .encoding import DEFAULT_TARGET_SUM, GENE_SELECTIONS, EncodedCell, encode_cells, pad_encoded
 from .vocabulary import DEFAULT_MIN_MATCH_FRACTION, GeneMapping, PanFoMaGeneVocab
 
