@@ -141,6 +141,10 @@ def test_fsdp_checkpoints_and_final_model_load_on_one_process(fsdp_and_ddp_runs)
     for name, tensor in resume_weights.items():
         assert torch.equal(tensor, at_step_2[name]), name
     assert any(not torch.equal(at_step_2[name], final[name]) for name in final)  # step 2, not the end
+    # DDP checkpoints carry the same loadable folder, with the same weights.
+    ddp_at_step_2 = PanFoMaForPreTraining.from_pretrained(ddp / CHECKPOINT_DIR / "step-00000002" / CHECKPOINT_MODEL_DIR)
+    for name, tensor in ddp_at_step_2.state_dict().items():
+        torch.testing.assert_close(tensor, at_step_2[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
 @pytest.mark.slow
