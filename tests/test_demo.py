@@ -31,8 +31,15 @@ def test_quick_demo_on_generated_cohort(tmp_path, caplog):
         correct = sum(column.get(predicted, 0) for predicted, column in table.items())
         assert abs(correct / n_test - summary["test"][track]["accuracy"]) <= 1 / n_test + 1e-9, track
     assert summary["source"] == "synthetic" and summary["split"] == "patient"
-    for track in ("panfoma_finetuned", "panfoma_linear_probe", "pca_logreg_baseline"):
-        assert 0.0 <= summary["test"][track]["accuracy"] <= 1.0 and 0.0 <= summary["test"][track]["macro_f1"] <= 1.0
+    # The reported macro-F1 is the package's one macro-F1 of the very predictions in the confusion table (the
+    # fine-tuned table comes from a second prediction pass, so only the two frozen-feature tracks are exact).
+    from panfoma.evaluation.metrics import classification_metrics
+
+    for track in ("panfoma_linear_probe", "pca_logreg_baseline"):
+        pairs = [(true, predicted) for predicted, column in summary["confusion"][track].items()
+                 for true, n in column.items() for _ in range(int(n))]
+        recomputed = classification_metrics([t for t, _ in pairs], [p for _, p in pairs])
+        assert summary["test"][track]["macro_f1"] == pytest.approx(recomputed["macro_f1"]), track
     assert result.plot.is_file() and result.plot.suffix == ".png"
     backbone = AutoModel.from_pretrained(result.model_dir)
     classifier = AutoModelForSequenceClassification.from_pretrained(result.model_dir)

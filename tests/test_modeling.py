@@ -415,19 +415,71 @@ def test_every_layer_changes_its_input():
         assert change > 1e-3 * max(scale, 1e-3), (name, change, scale)
 
 
-def test_gated_fusion_mixes_both_directions():
+def _fusion_layer(gate_bias: float | None = None):
+    """A BSGF layer; with `gate_bias` the gate is constant: gamma = sigmoid(gate_bias) for every gene and channel."""
     tester = PanFoMaModelTester()
     torch.manual_seed(0)
     layer = PanFoMaBiMambaLayer(tester.config).eval()
-    x = torch.randn(2, 7, tester.config.hidden_size)
-    lengths, valid = torch.tensor([7, 7]), torch.ones(2, 7, dtype=torch.bool)
+    if gate_bias is not None:
+        with torch.no_grad():
+            layer.gate.weight.zero_()
+            layer.gate.bias.fill_(gate_bias)
+    return layer, tester.config.hidden_size
+
+
+def _perturbed(module: torch.nn.Module) -> None:
     with torch.no_grad():
-        normed = layer.norm(x)
-        fwd = layer.forward_mamba(normed)
-        bwd = flip_valid(layer.backward_mamba(flip_valid(normed, lengths)), lengths)
-        gamma = torch.sigmoid(layer.gate(normed))
-        expected = x + gamma * fwd + (1 - gamma) * bwd  # eqs. 5-6 inside the pre-norm residual
-        assert torch.allclose(layer(x, lengths, valid), expected, atol=1e-6)
+        for parameter in module.parameters():
+            parameter.add_(0.5 * torch.randn_like(parameter))
+
+
+def _influence_of_gene(layer, x, lengths, valid, gene: int) -> torch.Tensor:
+    """Per position, how much the layer's output moves when the input of one gene changes (that gene excluded)."""
+    moved = x.clone()
+    # A random direction: a constant shift of every channel would be removed by the layer's LayerNorm.
+    moved[:, gene] += torch.randn(x.size(-1), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        delta = (layer(moved, lengths, valid) - layer(x, lengths, valid)).abs().amax(-1)[0]  # (l,)
+    delta[gene] = float("nan")
+    return delta
+
+
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+def test_the_gate_selects_a_direction_that_reads_its_own_side(direction):
+    """Eq. 6 at the gate's extremes: gamma = 1 keeps only the forward Mamba (each sorted gene sees the genes before
+    it), gamma = 0 only the backward Mamba over the valid genes (each sees the genes after it, padding excluded)."""
+    layer, d = _fusion_layer(30.0 if direction == "forward" else -30.0)
+    torch.manual_seed(1)
+    x = torch.randn(1, 9, d)
+    lengths, valid = torch.tensor([7]), (torch.arange(9) < 7)[None]  # 7 genes, 2 padding slots
+    with torch.no_grad():
+        before = layer(x, lengths, valid)
+        _perturbed(layer.backward_mamba if direction == "forward" else layer.forward_mamba)  # the unused direction
+        assert torch.allclose(layer(x, lengths, valid), before, atol=1e-6)
+    influence = _influence_of_gene(layer, x, lengths, valid, gene=3)
+    earlier, later = influence[:3], influence[4:7]
+    if direction == "forward":
+        assert earlier.max() < 1e-6 and later.min() > 1e-4
+    else:
+        assert later.max() < 1e-6 and earlier.min() > 1e-4
+    torch.testing.assert_close(before[0, 7:], x[0, 7:])  # padding slots pass through unchanged
+
+
+def test_gated_fusion_mixes_both_directions():
+    """With the learned gate, both mixers shape the output and a gene informs the genes on both sides of it."""
+    layer, d = _fusion_layer()
+    torch.manual_seed(1)
+    x = torch.randn(1, 9, d)
+    lengths, valid = torch.tensor([9]), torch.ones(1, 9, dtype=torch.bool)
+    influence = _influence_of_gene(layer, x, lengths, valid, gene=4)
+    assert influence[1:4].min() > 1e-4 and influence[5:8].min() > 1e-4  # neighbours on both sides
+    with torch.no_grad():
+        before = layer(x, lengths, valid)
+        for mixer in (layer.forward_mamba, layer.backward_mamba):
+            _perturbed(mixer)
+            after = layer(x, lengths, valid)
+            assert (after - before).abs().max() > 1e-4
+            before = after
 
 
 def _plain_mamba(mixer, x):
@@ -535,17 +587,41 @@ def test_weighted_mean_pooling_weighs_genes_by_their_expression_bin():
     assert torch.all(weights[1:] > weights[:-1])  # initialised increasing with the bin
 
 
-def test_pooling_modes():
-    for pooling in ("cls", "mean", "cls+mean"):
-        model, tester = _model(PanFoMaModel, pooling=pooling)
-        with torch.no_grad():
-            out = model(**tester.inputs())
-        mean = (out.last_hidden_state * tester.inputs()["attention_mask"][..., None]).sum(1) / tester.inputs()[
-            "attention_mask"
-        ].sum(1, keepdim=True)
-        cls = model.cls_norm(out.global_cls)
-        expected = {"cls": cls, "mean": mean, "cls+mean": 0.5 * (cls + mean)}[pooling]
-        assert torch.allclose(out.pooler_output, expected, atol=1e-5)
+def test_pooling_modes_compose_and_read_the_states_they_name():
+    """Properties rather than a second implementation: the combined modes are the average of their parts, "cls" reads
+    the encoder's global CLS only (decoder weights cannot move it, eq. 3), every mean mode reads the decoder states of
+    the valid genes (a convex combination: inside their per-channel range)."""
+    tester = PanFoMaModelTester()
+    batch = tester.inputs()
+    modes = ("cls", "mean", "weighted_mean", "cls+mean", "cls+weighted_mean")
+    models = {mode: _model(PanFoMaModel, pooling=mode)[0] for mode in modes}
+    for model in models.values():
+        model.load_state_dict(models["cls"].state_dict())
+    with torch.no_grad():
+        out = {mode: model(**batch) for mode, model in models.items()}
+    pooled = {mode: o.pooler_output for mode, o in out.items()}
+    torch.testing.assert_close(pooled["cls+mean"], 0.5 * (pooled["cls"] + pooled["mean"]))
+    torch.testing.assert_close(pooled["cls+weighted_mean"], 0.5 * (pooled["cls"] + pooled["weighted_mean"]))
+    assert not torch.allclose(pooled["mean"], pooled["weighted_mean"], atol=1e-4)  # different bins, other weights
+
+    mask = batch["attention_mask"].bool()
+    states = out["mean"].last_hidden_state
+    for row in range(states.size(0)):
+        valid_states = states[row][mask[row]]  # (genes, d)
+        for mode in ("mean", "weighted_mean"):
+            assert torch.all(pooled[mode][row] >= valid_states.min(0).values - 1e-6)
+            assert torch.all(pooled[mode][row] <= valid_states.max(0).values + 1e-6)
+
+    torch.manual_seed(1)
+    for model in models.values():
+        torch.manual_seed(1)
+        for layer in model.decoder_layers:
+            _perturbed(layer)
+    with torch.no_grad():
+        moved = {mode: model(**batch).pooler_output for mode, model in models.items()}
+    torch.testing.assert_close(moved["cls"], pooled["cls"])
+    for mode in modes[1:]:
+        assert (moved[mode] - pooled[mode]).abs().max() > 1e-4, mode
 
 
 # ------------------------------------------------------------------------------------------------ bad input
