@@ -467,9 +467,11 @@ class _NumbaScanFn(torch.autograd.Function):
         Bt = B.transpose(1, 2)  # (b, s, l) -> (b, l, s) view: each step reads s values
         Ct = C.transpose(1, 2)  # (b, s, l) -> (b, l, s) view
         # Placeholders keep one kernel signature when an optional input is absent.
-        D_c = D if D is not None else u.new_zeros(1)
+        # D and the dt bias are often the parameters themselves: numpy views of them would pin their storage
+        # (FSDP2 resizes parameter storage when it reshards), so the kernels get copies (e values each).
+        D_c = D.clone() if D is not None else u.new_zeros(1)
         z_c = z if z is not None else u.new_zeros(1, 1, 1)
-        bias_c = bias if bias is not None else u.new_zeros(1)
+        bias_c = bias.clone() if bias is not None else u.new_zeros(1)
         y = _empty_like_layout(u)
         arrays = [_as_numpy(t) for t in (u, delta, A, Bt, Ct, D_c, z_c, bias_c)]
         with _CALL_LOCK:
