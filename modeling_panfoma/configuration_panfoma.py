@@ -6,6 +6,7 @@ This file imports nothing but `transformers`, so `save_pretrained` can ship it a
 from __future__ import annotations
 
 import math
+import os
 
 from transformers import PretrainedConfig
 
@@ -37,6 +38,20 @@ def value_pad_id(n_bins: int) -> int:
 def value_mask_id(n_bins: int) -> int:
     """Value id of masked positions in masked value modelling: `n_bins + 1` (right after padding)."""
     return int(n_bins) + 1
+
+
+def refuse_preset_name(name_or_path) -> None:
+    """Raise `OSError` at once when a size-preset name (`panfoma-base`) that is not a local folder is passed to
+    `from_pretrained`: no trained weights are published under those names, and the Hub lookup would otherwise
+    spend its retries before failing with a network error."""
+    text = str(name_or_path)
+    if text.lower() in PANFOMA_PRESETS and not os.path.isdir(os.path.expanduser(text)):
+        raise OSError(
+            f"no pretrained PanFoMa weights are published, and {text!r} is a size preset, not a checkpoint or a "
+            f"folder here. For a randomly initialised model use PanFoMaConfig.from_preset({text.lower()!r}) (e.g. "
+            f"PanFoMaForPreTraining(PanFoMaConfig.from_preset({text.lower()!r}, vocab_size=...))); to get trained "
+            "weights, run `panfoma pretrain` and pass its output folder."
+        )
 
 
 class PanFoMaConfig(PretrainedConfig):
@@ -259,6 +274,11 @@ class PanFoMaConfig(PretrainedConfig):
         for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}.")
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        refuse_preset_name(pretrained_model_name_or_path)
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "PanFoMaConfig":

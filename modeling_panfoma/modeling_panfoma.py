@@ -28,7 +28,7 @@ from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput, logging
 
-from .configuration_panfoma import PanFoMaConfig
+from .configuration_panfoma import PanFoMaConfig, refuse_preset_name
 from .selective_scan import causal_conv1d_kernel, mamba_scan_backend, selective_scan
 
 logger = logging.get_logger(__name__)
@@ -579,6 +579,13 @@ class PanFoMaPreTrainedModel(PreTrainedModel):
             # first), so Mamba's initialisation is the one that stays.
             module.reset_parameters()
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """`PreTrainedModel.from_pretrained`; a size-preset name such as "panfoma-base" that is not a local folder
+        fails at once with the fix (no trained weights are published under it)."""
+        refuse_preset_name(pretrained_model_name_or_path)
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Save weights (safetensors) and config; the config's `auto_map` lists every PanFoMa head so the folder
         also loads with `trust_remote_code=True` where the package is not installed."""
@@ -695,7 +702,7 @@ class PanFoMaModel(PanFoMaPreTrainedModel):
                 "Drop empty cells before encoding."
             )
         b, n = input_ids.shape
-        no_padding = bool((lengths == n).all())  # one host sync here instead of one per decoder layer
+        no_padding = bool((lengths == n).all())  # computed once, not per decoder layer
 
         # Valid genes first (their relative order kept): the chunk layout is then a function of the lengths alone.
         compaction = compact_valid_first(valid)  # (b, n)

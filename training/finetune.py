@@ -71,12 +71,10 @@ UNKNOWN_LABEL = "unknown"
 
 # The fine-tuning recipe: change a default here and `finetune()`, `panfoma finetune` and the evaluation's
 # fine-tuned track (`evaluation.model_finetune_fn`) all follow.
-# Measured in benchmarks/finetune_recipe.py (README "Fine-tuning recipe"; random-init panfoma-small, 2 CPU threads):
-# the head is first fitted alone on frozen cell embeddings (linear probing, then fine-tuning), then 3 epochs
-# end-to-end with a high learning rate for the input embeddings (gene vectors, per-bin gains) and head and a lower
-# one for the deep backbone, on the 256 most expressed genes of each cell, in bf16 where native. PBMC68k seed 0:
-# macro-F1 0.641 vs PCA + LR 0.607 in 7.2 min; without the head warm start 0.335. CellBench CEL-seq2 (500 cells)
-# -> Drop-seq: 0.975 vs 0.944 in 9.8 min.
+# The recipe: the head is first fitted alone on frozen cell embeddings (linear probing, then fine-tuning), then a
+# few epochs end-to-end with a high learning rate for the input embeddings (gene vectors, per-bin gains) and head
+# and a lower one for the deep backbone, on the most expressed genes of each cell, in bf16 where native. Its
+# measurements against PCA + LR are in benchmarks/results/finetune_recipe.jsonl and README "Model quality".
 #: Peak AdamW learning rate of the backbone (encoder, decoder, their norms).
 DEFAULT_LEARNING_RATE = 3e-4
 #: Peak learning rate of the classifier head and the input embeddings; None = `learning_rate` for everything.

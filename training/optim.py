@@ -1,8 +1,8 @@
 """The one optimiser policy of PanFoMa: which parameters get weight decay, and which learning rate each gets.
 
 Pretraining (`panfoma.training.pretrain`, Accelerate) and fine-tuning (`panfoma.training.finetune`,
-`transformers.Trainer` through `PanFoMaTrainer`) both build their AdamW parameter groups here, so the
-two can never disagree on the rule.
+`transformers.Trainer` through `PanFoMaTrainer`) both build their AdamW parameter groups here
+(tests/test_shared_rules.py checks that they do).
 
 Weight decay (AdamW, decoupled) applies to weight matrices only. No decay on:
 
