@@ -138,7 +138,7 @@ def with_unique_idx(dataset):
     Example:
         >>> import datasets
         >>> parts = [datasets.Dataset.from_dict({"idx": [0, 1]}), datasets.Dataset.from_dict({"idx": [0, 1]})]
-        >>> with_unique_idx(datasets.concatenate_datasets(parts))["idx"]
+        >>> list(with_unique_idx(datasets.concatenate_datasets(parts))["idx"])
         [0, 1, 2, 3]
     """
     if "idx" not in dataset.column_names:

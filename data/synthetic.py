@@ -53,7 +53,7 @@ class SyntheticCohort:
     Example:
         >>> cohort = SyntheticCohort(n_genes=500, genes_per_cell=100, seed=0)
         >>> chunk = next(cohort.iter_chunks(64))
-        >>> chunk.counts.shape, 60 < chunk.counts.getnnz(axis=1).mean() < 140
+        >>> chunk.counts.shape, bool(60 < chunk.counts.getnnz(axis=1).mean() < 140)
         ((64, 500), True)
     """
 
