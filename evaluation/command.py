@@ -1,7 +1,9 @@
 """The ``panfoma evaluate TASK`` command: its flags, reading the inputs, running one task, writing its report.
 
 Owns only the command-line surface; the tasks themselves are `panfoma.evaluation.tasks` and the model hooks
-`panfoma.evaluation.model_hooks`, so the Python API and the command run the same code.
+`panfoma.evaluation.model_hooks`, so the Python API and the command run the same code. Those modules (torch,
+transformers, pandas) are imported when a task runs, so building the parser (`panfoma evaluate --help`) imports
+none of them.
 """
 
 from __future__ import annotations
@@ -14,18 +16,7 @@ from typing import Sequence
 import numpy as np
 
 from panfoma.training.finetune import DEFAULT_HEAD_LEARNING_RATE, DEFAULT_LEARNING_RATE
-from .baselines import random_gene_vectors, random_projection_embedder
 from .metrics import DEFAULT_RESOLUTIONS
-from .model_hooks import model_tracks
-from .report import write_report
-from .skeleton import require_obs_columns, standardize_gene_names
-from .tasks import (
-    evaluate_annotation,
-    evaluate_gene_programs,
-    evaluate_integration,
-    evaluate_multiomic,
-    evaluate_pancancer,
-)
 
 logger = logging.getLogger(__name__)
 
@@ -125,6 +116,8 @@ def add_evaluate_arguments(parser) -> None:
 def _read_inputs(paths: Sequence[str], study_from_file: bool, standardize: bool):
     import anndata as ad
 
+    from .skeleton import standardize_gene_names
+
     parts = []
     for path in paths:
         part = ad.read_h5ad(path)
@@ -168,6 +161,18 @@ def _drop_empty_cells(adata, model: str | None, what: str):
 
 def run_evaluate(args) -> dict:
     """Run the task selected by ``add_evaluate_arguments``' parser; returns the report dict."""
+    from .baselines import random_gene_vectors, random_projection_embedder
+    from .model_hooks import model_tracks
+    from .report import write_report
+    from .skeleton import require_obs_columns
+    from .tasks import (
+        evaluate_annotation,
+        evaluate_gene_programs,
+        evaluate_integration,
+        evaluate_multiomic,
+        evaluate_pancancer,
+    )
+
     wants_finetune = getattr(args, "finetune", False)
     if wants_finetune and not getattr(args, "model", None):
         raise ValueError("--finetune needs --model (the checkpoint or preset to fine-tune).")

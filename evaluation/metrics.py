@@ -3,7 +3,8 @@
 Owns every number a PanFoMa report prints. `classification_metrics` is the ONE accuracy / macro-F1 of the
 package (fine-tuning's `compute_metrics`, the demo and every evaluation task call it). Metrics work on plain
 arrays and know nothing about the model. Heavy optional dependencies (scanpy, scib, leidenalg) are imported
-inside the functions that need them, with an install hint (``pip install "panfoma[eval]"``).
+inside the functions that need them, with an install hint (``pip install "panfoma[eval]"``); pandas is imported
+there too, so the command-line parsers that read this module's defaults (demo, evaluate) start without it.
 
 scIB protocol (via the ``scib`` package, whose values are the reference ones): 15-NN graph of the embedding;
 NMI-optimal Leiden (or Louvain) clustering over a resolution sweep; NMI, ARI on that clustering; ASW_label and
@@ -20,7 +21,6 @@ import warnings
 from typing import Mapping, Sequence
 
 import numpy as np
-import pandas as pd
 import scipy.sparse as sp
 
 
@@ -83,6 +83,8 @@ def majority_vote(y_true: Sequence, y_pred: Sequence, groups: Sequence) -> tuple
 
     Raises ValueError when a group has more than one true label (a patient with two cancer types).
     """
+    import pandas as pd
+
     frame = pd.DataFrame({"true": np.asarray(y_true).astype(str), "pred": np.asarray(y_pred).astype(str),
                           "group": np.asarray(groups).astype(str)})
     group_ids, truths, votes = [], [], []
@@ -128,6 +130,7 @@ def integration_metrics(
         >>> m["Avg_bio"], m["Avg_batch"]  # doctest: +SKIP
     """
     import anndata as ad
+    import pandas as pd
 
     sc = import_eval_dependency("scanpy")
     scib = import_eval_dependency("scib")

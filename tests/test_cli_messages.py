@@ -83,12 +83,20 @@ def _imported_modules(*args: str, cwd: Path) -> set[str]:
             if line.startswith("import time")}
 
 
-@pytest.mark.parametrize("command", ["finetune", "embed", "annotate", "perturb", "gene-embeddings",
-                                     "build-bench", "push"])
-def test_command_help_does_not_import_the_heavy_libraries(tmp_path, command):
-    # `panfoma finetune --help` used to import transformers' Trainer (about 10 s on a busy machine).
+def _every_command_help() -> list[tuple[str, ...]]:
+    """`COMMAND --help` for every sub-command of the CLI, and `evaluate TASK --help` for every evaluation task."""
+    from panfoma.evaluation.command import TASKS
+    from panfoma.training.cli import _COMMANDS
+
+    return [(name, "--help") for name in _COMMANDS] + [("evaluate", task, "--help") for task in TASKS]
+
+
+@pytest.mark.parametrize("args", _every_command_help(), ids=" ".join)
+def test_command_help_does_not_import_the_heavy_libraries(tmp_path, args):
+    # `panfoma finetune --help` used to import transformers' Trainer (about 10 s on a busy machine), `pretrain
+    # --help` torch (8 s) and `evaluate --help` torch, transformers and pandas (15-23 s).
     heavy = {"torch", "transformers", "scanpy", "scib", "datasets", "accelerate", "peft", "pandas"}
-    imported = _imported_modules(command, "--help", cwd=tmp_path)
+    imported = _imported_modules(*args, cwd=tmp_path)
     assert not imported & heavy, sorted(imported & heavy)
 
 

@@ -46,6 +46,8 @@ Choices, and why:
   loss curve after a resume equals the uninterrupted one (tested).
 * **Logging**: tqdm progress bar, `metrics.jsonl` (one JSON object per logged step), TensorBoard under
   `runs/` when `tensorboard` is installed.
+* **Start-up**: torch, Accelerate and transformers are imported when a run starts, not with this module, so
+  `panfoma pretrain --help` (the options are built from `PretrainingConfig`) answers without them.
 * **Output**: `output_dir` holds the final model (`save_pretrained`), the processor (gene vocabulary and
   binning) and a generated model card (`README.md`); `AutoModel.from_pretrained(output_dir)` loads it.
 """
@@ -67,11 +69,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-import torch
 
 from panfoma.data.loading import available_splits, check_dataset_vocabulary, load_splits
 
-from .optim import parameter_groups  # the one weight-decay policy, shared with fine-tuning
 from .shortcut_floors import ShortcutFloors
 
 logger = logging.getLogger(__name__)
@@ -391,6 +391,7 @@ class _Loader:
     """One epoch's batches: the prepared map-style loader (sampler epoch set) or a streaming one."""
 
     def __init__(self, accelerator, dataset, collator, cfg: PretrainingConfig, shuffle: bool):
+        import torch
         from torch.utils.data import DataLoader
 
         self.accelerator, self.dataset, self.streaming = accelerator, dataset, cfg.streaming
@@ -435,15 +436,17 @@ def _model_inputs(batch: dict) -> dict:
     return {k: v for k, v in batch.items() if k in ("input_ids", "values", "attention_mask", "labels", "raw_values")}
 
 
-@torch.no_grad()
 def _evaluate(accelerator, model, loader: _Loader, max_batches: int) -> dict:
     """Mean masked-value loss over (at most `max_batches` per process of) the evaluation split, fixed masks."""
+    import torch
+
     model.eval()
     losses = []
-    for i, batch in enumerate(loader.epoch(0)):
-        if i >= max_batches:
-            break
-        losses.append(model(**_model_inputs(batch)).loss.detach().float().reshape(1))
+    with torch.no_grad():
+        for i, batch in enumerate(loader.epoch(0)):
+            if i >= max_batches:
+                break
+            losses.append(model(**_model_inputs(batch)).loss.detach().float().reshape(1))
     model.train()
     if not losses:
         return {}
@@ -523,6 +526,7 @@ def setup_pretraining(cfg: PretrainingConfig) -> PretrainingRun:
 
 def _make_accelerator(cfg: PretrainingConfig, output_dir: Path):
     """`(Accelerator, tracker name or None)` for `cfg` (CPU processes join a gloo group)."""
+    import torch
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, DistributedType, ProjectConfiguration, parse_flag_from_env
     from accelerate.utils.imports import is_tensorboard_available
@@ -649,7 +653,10 @@ def _total_steps(cfg: PretrainingConfig, train: _Loader) -> int:
 
 def _make_optimizer(cfg: PretrainingConfig, model, total_steps: int):
     """AdamW over the shared weight-decay groups, and linear warmup then cosine decay to 0."""
+    import torch
     from transformers import get_cosine_schedule_with_warmup
+
+    from .optim import parameter_groups  # the one weight-decay policy, shared with fine-tuning
 
     warmup = cfg.warmup_steps if cfg.warmup_steps > 0 else int(cfg.warmup_ratio * total_steps)
     optimizer = torch.optim.AdamW(parameter_groups(model, cfg.weight_decay), lr=cfg.learning_rate,
@@ -683,6 +690,7 @@ def _restore_checkpoint(run: PretrainingRun) -> None:
 
 def train_loop(run: PretrainingRun) -> None:
     """Optimiser steps from `run.state` to `run.total_steps`: log, evaluate and checkpoint on schedule."""
+    import torch
     from tqdm.auto import tqdm
 
     cfg, accelerator, model, state = run.cfg, run.accelerator, run.model, run.state
@@ -786,6 +794,8 @@ def _new_window() -> dict:
 
 def _log_record(accelerator, state: dict, window: dict, scheduler, grad_norm) -> dict:
     """Loss averaged over the window's micro-batches and all processes; throughput over all processes."""
+    import torch
+
     elapsed = max(time.perf_counter() - window["start"], 1e-9)
     loss = accelerator.reduce(torch.stack(window["loss"]).mean().to(accelerator.device), "mean")
     counts = accelerator.reduce(torch.tensor([window["cells"], window["tokens"]], device=accelerator.device), "sum")
@@ -931,6 +941,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.num_processes = 1 if "RANK" in os.environ else args.num_processes
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return run_pretrain(args, argv)
+
+
+def __getattr__(name: str):
+    """PEP 562: `parameter_groups` (panfoma.training.optim, which imports torch) is re-exported on first use."""
+    if name == "parameter_groups":
+        from .optim import parameter_groups
+
+        return parameter_groups
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = [
