@@ -29,6 +29,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from .outputs import atomic_output
+
 logger = logging.getLogger(__name__)
 
 LABEL_KEY = "panfoma_label"
@@ -359,15 +361,9 @@ def annotate_file(
                                        "model": str(classifier or model or ""),
                                        "reference": str(reference_h5ad or ""),
                                        "min_confidence": result.report.min_confidence}
-    output.parent.mkdir(parents=True, exist_ok=True)
-    partial = output.with_name(f".{output.name}.partial-{os.getpid()}")
-    try:
+    with atomic_output(output) as partial:
         query.write_h5ad(partial)
         report_path.write_text(json.dumps(result.report.to_dict(), indent=2) + "\n")
-        os.replace(partial, output)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
     return output, result
 
 

@@ -48,6 +48,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .outputs import atomic_output
+
 logger = logging.getLogger(__name__)
 
 #: Default `adata.obsm` key of the cell embedding.
@@ -496,10 +498,9 @@ def embed_file(
                                      precision=precision, drop_empty_cells=drop_empty_cells, progress=progress)
     finally:
         adata.file.close()
-    target = output if in_place else output.with_name(f".{output.name}.partial-{os.getpid()}")
-    try:
+    # A new output is written as a copy of the input beside it (atomic_output); in place, the input is the target.
+    with nullcontext(output) if in_place else atomic_output(output) as target:
         if not in_place:
-            output.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(source, target)
         with h5py.File(target, "a") as handle:
             obsm = handle.require_group("obsm")
@@ -511,12 +512,6 @@ def embed_file(
             if uns_key in uns:
                 del uns[uns_key]
             write_elem(uns, uns_key, {**metadata, "model": str(model_name_or_path), "obsm_key": key})
-        if not in_place:
-            os.replace(target, output)
-    except BaseException:
-        if not in_place:
-            target.unlink(missing_ok=True)
-        raise
     logger.info("wrote %d x %d embeddings (%s) to %s obsm[%r]", *embedding.shape, metadata["precision"], output, key)
     return output
 
@@ -548,13 +543,8 @@ def _embed_soma_experiment(model_name_or_path, uri, output_h5ad, *, layer, gene_
                        obsm={key: embedding})
     adata.uns[embedding_metadata_key(key)] = {**metadata, "model": str(model_name_or_path), "obsm_key": key,
                                               "soma_experiment": str(uri)}
-    output.parent.mkdir(parents=True, exist_ok=True)
-    partial = output.with_name(f".{output.name}.partial-{os.getpid()}")
-    try:
+    with atomic_output(output) as partial:
         adata.write_h5ad(partial)
-        os.replace(partial, output)
-    finally:
-        partial.unlink(missing_ok=True)
     logger.info("wrote %d x %d embeddings (%s) of SOMA experiment %s to %s obsm[%r]", *embedding.shape,
                 metadata["precision"], uri, output, key)
     return output

@@ -34,6 +34,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .outputs import check_table_output, write_table
+
 logger = logging.getLogger(__name__)
 
 STATES = ("decoder", "encoder")
@@ -232,13 +234,6 @@ def attention_gene_matrix(model: Any, processor: Any, adata: Any, *, genes: Sequ
     return pd.DataFrame(means, index=index, columns=names), pd.DataFrame(counts_2d, index=index, columns=names)
 
 
-def _write_table(frame, path: Path, index: bool = True) -> None:
-    if path.suffix == ".parquet":
-        frame.to_parquet(path, index=index)
-    else:
-        frame.to_csv(path, index=index, sep="\t" if path.suffix == ".tsv" else ",")
-
-
 def gene_embeddings_file(model_name_or_path: str, output: str | os.PathLike, *, data: str | None = None,
                          attention_output: str | os.PathLike | None = None, genes: Sequence[str] | None = None,
                          states: str = "decoder", min_cells: int = 1, attention_genes: int = DEFAULT_ATTENTION_GENES,
@@ -259,10 +254,7 @@ def gene_embeddings_file(model_name_or_path: str, output: str | os.PathLike, *, 
         paths["attention_counts"] = attention_output.with_name(
             attention_output.name.removesuffix(attention_output.suffix) + ".counts" + attention_output.suffix)
     for path in paths.values():
-        if path.suffix not in (".csv", ".tsv", ".parquet"):
-            raise ValueError(f"{path}: write a .csv, .tsv or .parquet table.")
-        if path.exists() and not overwrite:
-            raise FileExistsError(f"{path} already exists; pass overwrite=True (CLI: --overwrite) to replace it.")
+        check_table_output(path, overwrite)
     model, processor = load_model_and_processor(model_name_or_path, device=device)
     frames = {}
     if data is None:
@@ -282,15 +274,7 @@ def gene_embeddings_file(model_name_or_path: str, output: str | os.PathLike, *, 
         finally:
             adata.file.close()
     for name, frame in frames.items():
-        path = paths[name]
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f".{path.name}.partial-{os.getpid()}{path.suffix}")
-        try:
-            _write_table(frame, partial)
-            os.replace(partial, path)
-        except BaseException:
-            partial.unlink(missing_ok=True)
-            raise
+        write_table(frame, paths[name])
     return paths
 
 

@@ -29,6 +29,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from .outputs import check_table_output, write_table
+
 logger = logging.getLogger(__name__)
 
 MODES = ("delete", "overexpress")
@@ -281,13 +283,6 @@ def perturb_genes(
     return PerturbationResult(table, cell_shifts, mode, description)
 
 
-def _write_table(frame, path: Path, index: bool) -> None:
-    if path.suffix == ".parquet":
-        frame.to_parquet(path, index=index)
-    else:
-        frame.to_csv(path, index=index, sep="\t" if path.suffix == ".tsv" else ",")
-
-
 def perturb_file(model_name_or_path: str, input_h5ad: str | os.PathLike, output: str | os.PathLike, *,
                  cell_shifts_path: str | os.PathLike | None = None, overwrite: bool = False,
                  device: Any = None, **kwargs: Any) -> PerturbationResult:
@@ -299,10 +294,7 @@ def perturb_file(model_name_or_path: str, input_h5ad: str | os.PathLike, output:
 
     targets = [Path(output)] + ([Path(cell_shifts_path)] if cell_shifts_path else [])
     for path in targets:
-        if path.suffix not in (".csv", ".tsv", ".parquet"):
-            raise ValueError(f"{path}: write a .csv, .tsv or .parquet table.")
-        if path.exists() and not overwrite:
-            raise FileExistsError(f"{path} already exists; pass overwrite=True (CLI: --overwrite) to replace it.")
+        check_table_output(path, overwrite)
     model, processor = load_model_and_processor(model_name_or_path, device=device)
     adata = ad.read_h5ad(input_h5ad, backed="r")
     try:
@@ -310,14 +302,7 @@ def perturb_file(model_name_or_path: str, input_h5ad: str | os.PathLike, output:
     finally:
         adata.file.close()
     for path, frame, index in zip(targets, (result.genes, result.cell_shifts), (False, True)):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f".{path.name}.partial-{os.getpid()}{path.suffix}")
-        try:
-            _write_table(frame, partial, index)
-            os.replace(partial, path)
-        except BaseException:
-            partial.unlink(missing_ok=True)
-            raise
+        write_table(frame, path, index)
     return result
 
 
