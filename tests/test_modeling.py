@@ -4,10 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
@@ -204,32 +200,6 @@ def test_resolves_local_folder_and_offline_cache_by_name(tmp_path, monkeypatch):
     with torch.no_grad():
         assert torch.allclose(local(**batch).pooler_output, reference, atol=1e-6)
         assert torch.allclose(cached(**batch).pooler_output, reference, atol=1e-6)
-
-
-def test_trust_remote_code_without_package(tmp_path):
-    model, tester = _model(PanFoMaForCellClassification, num_labels=2)
-    batch = tester.inputs()
-    model.save_pretrained(tmp_path / "ckpt")
-    with torch.no_grad():
-        torch.save({"batch": batch, "logits": model(**batch).logits}, tmp_path / "ref.pt")
-    script = textwrap.dedent(
-        f"""
-        import sys
-        sys.modules["panfoma"] = None  # the package is not importable in this process
-        import torch
-        from transformers import AutoModelForSequenceClassification
-        ref = torch.load({str(tmp_path / "ref.pt")!r})
-        model = AutoModelForSequenceClassification.from_pretrained({str(tmp_path / "ckpt")!r}, trust_remote_code=True)
-        assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
-        with torch.no_grad():
-            logits = model.eval()(**ref["batch"]).logits
-        assert torch.allclose(logits, ref["logits"], atol=1e-6), (logits, ref["logits"])
-        print("REMOTE_OK")
-        """
-    )
-    env = dict(os.environ, HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_OFFLINE="1")
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
-    assert "REMOTE_OK" in result.stdout, result.stderr[-3000:]
 
 
 def test_mamba_parameters_match_mamba_ssm_names_and_shapes():

@@ -250,6 +250,7 @@ def test_saved_folder_runs_the_numba_scan_as_remote_code(tmp_path):
         from transformers import AutoModelForSequenceClassification
         ref = torch.load({str(tmp_path / "ref.pt")!r})
         model = AutoModelForSequenceClassification.from_pretrained({str(tmp_path / "ckpt")!r}, trust_remote_code=True)
+        assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
         with torch.no_grad():
             logits = model.eval()(**ref["inputs"]).logits
         assert torch.allclose(logits, ref["logits"], atol=1e-6), (logits, ref["logits"])
