@@ -16,14 +16,13 @@ import sys
 import textwrap
 from pathlib import Path
 
+import anndata
+import datasets
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-anndata = pytest.importorskip("anndata")
-datasets = pytest.importorskip("datasets")
-pq = pytest.importorskip("pyarrow.parquet")
 
 from panfoma.tokenization.vocabulary import PanFoMaGeneVocab  # noqa: E402
 from panfoma.data import (  # noqa: E402

@@ -40,15 +40,11 @@ CLIENT_SCRIPT = textwrap.dedent(
     from transformers import AutoModel
     from panfoma import PanFoMaConfig, PanFoMaModel
     from panfoma.hub.push import add_push_arguments, push_model_to_hub, run_push
+    from panfoma.tokenization import PanFoMaGeneProcessor, register_auto_classes
 
-    try:
-        from panfoma.tokenization import PanFoMaGeneProcessor, register_auto_classes
-        register_auto_classes()  # idempotent; makes AutoProcessor know the class even if `import panfoma` does not
-        processor = PanFoMaGeneProcessor()
-        vocab_kwargs = processor.model_config_kwargs()  # vocab_size, vocab_hash, n_bins of the processor
-    except ImportError as err:  # the processor is optional for this test
-        processor, vocab_kwargs = None, {"vocab_size": 200}
-        report["processor_missing"] = repr(err)
+    register_auto_classes()  # idempotent; makes AutoProcessor know the class even if `import panfoma` does not
+    processor = PanFoMaGeneProcessor()
+    vocab_kwargs = processor.model_config_kwargs()  # vocab_size, vocab_hash, n_bins of the processor
     vocab_size = vocab_kwargs["vocab_size"]
 
     config = PanFoMaConfig.from_preset("panfoma-tiny", gene_chunk_size=16, num_encoder_layers=2,
@@ -78,12 +74,11 @@ CLIENT_SCRIPT = textwrap.dedent(
     sd_a, sd_b = model.state_dict(), loaded.state_dict()
     report["state_dict_keys_equal"] = sorted(sd_a) == sorted(sd_b)
     report["state_dict_max_abs_diff"] = max(float((sd_a[k].float() - sd_b[k].float()).abs().max()) for k in sd_a)
-    if processor is not None:
-        from transformers import AutoProcessor
-        loaded_processor = AutoProcessor.from_pretrained("MODEL_REPO")
-        report["loaded_processor_class"] = type(loaded_processor).__name__
-        report["loaded_processor_vocab_hash"] = loaded_processor.vocab_hash
-        report["processor_vocab_hash"] = processor.vocab_hash
+    from transformers import AutoProcessor
+    loaded_processor = AutoProcessor.from_pretrained("MODEL_REPO")
+    report["loaded_processor_class"] = type(loaded_processor).__name__
+    report["loaded_processor_vocab_hash"] = loaded_processor.vocab_hash
+    report["processor_vocab_hash"] = processor.vocab_hash
 
     # A model object (not a folder) is saved and pushed the same way; here a classification head.
     from panfoma import PanFoMaForCellClassification
@@ -224,8 +219,6 @@ def test_model_object_push(hub_round_trip):
 
 def test_processor_files_arrive_and_load(hub_round_trip):
     report, hub = hub_round_trip["report"], hub_round_trip["hub"]
-    if "processor_missing" in report:
-        pytest.skip(f"panfoma.tokenization.PanFoMaGeneProcessor is not available yet: {report['processor_missing']}")
     tree = _tree(hub, "model", MODEL_REPO)
     work = hub_round_trip["work"]
     assert {"preprocessor_config.json", "gene_vocab.json"} <= set(tree)
