@@ -40,12 +40,16 @@ def value_mask_id(n_bins: int) -> int:
     return int(n_bins) + 1
 
 
-def refuse_preset_name(name_or_path) -> None:
-    """Raise `OSError` at once when a size-preset name (`panfoma-base`) that is not a local folder is passed to
-    `from_pretrained`: no trained weights are published under those names, and the Hub lookup would otherwise
-    spend its retries before failing with a network error."""
+def refuse_preset_name(name_or_path, cache_dir=None) -> None:
+    """Raise `OSError` at once when a size-preset name (`panfoma-base`) that is neither a local folder nor in the
+    Hugging Face cache is passed to `from_pretrained`: no trained weights are published under those names, and the
+    Hub lookup would otherwise spend its retries before failing with a network error."""
     text = str(name_or_path)
     if text.lower() in PANFOMA_PRESETS and not os.path.isdir(os.path.expanduser(text)):
+        from huggingface_hub import try_to_load_from_cache
+
+        if isinstance(try_to_load_from_cache(text, "config.json", cache_dir=cache_dir), str):
+            return  # a copy the user put in the cache
         raise OSError(
             f"no pretrained PanFoMa weights are published, and {text!r} is a size preset, not a checkpoint or a "
             f"folder here. For a randomly initialised model use PanFoMaConfig.from_preset({text.lower()!r}) (e.g. "
@@ -277,7 +281,7 @@ class PanFoMaConfig(PretrainedConfig):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        refuse_preset_name(pretrained_model_name_or_path)
+        refuse_preset_name(pretrained_model_name_or_path, kwargs.get("cache_dir"))
         return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
     @classmethod

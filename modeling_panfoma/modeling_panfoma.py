@@ -581,9 +581,9 @@ class PanFoMaPreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        """`PreTrainedModel.from_pretrained`; a size-preset name such as "panfoma-base" that is not a local folder
-        fails at once with the fix (no trained weights are published under it)."""
-        refuse_preset_name(pretrained_model_name_or_path)
+        """`PreTrainedModel.from_pretrained`; a size-preset name such as "panfoma-base" that is neither a local folder
+        nor in the Hugging Face cache fails at once with the fix (no trained weights are published under it)."""
+        refuse_preset_name(pretrained_model_name_or_path, kwargs.get("cache_dir"))
         return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
