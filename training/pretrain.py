@@ -88,7 +88,7 @@ CONFIG_FILE = "pretraining_config.yaml"
 #: An override value meaning "set this field to None" (`--eval-split none` on the command line).
 EXPLICIT_NONE = "__none__"
 #: Loss terms of `PanFoMaForPreTrainingOutput` logged separately (each when its weight is > 0).
-LOSS_TERMS = ("mvm_loss", "mse_loss", "mvc_loss")
+LOSS_TERMS = ("mvm_loss", "mse_loss", "mvc_loss", "contrastive_loss")
 #: Training batches whose masked targets give the per-gene statistics of the shortcut floors.
 FLOOR_FIT_BATCHES = 50
 
