@@ -18,7 +18,7 @@ clipping, as `panfoma pretrain` does.
 (b) threads: the median training step (fp32 by default) at each `--threads` count, with and without one competing
     CPU-bound process (a single-threaded numpy matmul loop started for the measurement and stopped after it), in
     `--rounds` interleaved rounds. torch and numba threads are set together by the command line's own rule
-    (`panfoma.training.cli._set_threads`, what `--threads N` runs); NUMBA_NUM_THREADS is raised to the largest
+    (`panfoma.cli.main._set_threads`, what `--threads N` runs); NUMBA_NUM_THREADS is raised to the largest
     count before numba is imported, because numba reads it once. The competitor's CPU share during each
     measurement is read from /proc.
 
@@ -222,7 +222,7 @@ def competing_process() -> Iterator[int]:
 def measure_threads(cfg, batches: list[dict], thread_counts: list[int], thread_steps: int, rounds: int,
                     precision: str) -> dict[str, Any]:
     """Median step time per (threads, competitor) configuration, the configurations interleaved over rounds."""
-    from panfoma.training.cli import _set_threads
+    from panfoma.cli.main import _set_threads
 
     configs = [(threads, competitor) for threads in thread_counts for competitor in (False, True)]
     trainee = Trainee(cfg, rounds * len(configs) * (thread_steps + 1), precision)
@@ -279,7 +279,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     from _common import print_table, write_json
     from panfoma.inference.embed import cpu_has_native_bf16
-    from panfoma.training.cli import _set_threads
+    from panfoma.cli.main import _set_threads
     from panfoma.training.pretrain import PretrainingConfig, build_model_and_processor, make_collator
 
     threads_before = torch.get_num_threads()

@@ -55,14 +55,14 @@ def _import_public_api() -> None:
 
 
 def _started_as_command_line() -> bool:
-    """Whether this process is the `panfoma` command (console script or `python -m panfoma.training.cli`).
+    """Whether this process is the `panfoma` command (console script or `python -m panfoma.cli`).
 
     The command imports the public API when a command runs, so `panfoma --help` answers without loading torch.
     """
     script = _os.path.splitext(_os.path.basename(_sys.argv[0]))[0] if _sys.argv else ""
     interpreter_argv = list(getattr(_sys, "orig_argv", ()))
     run_module = interpreter_argv[interpreter_argv.index("-m") + 1] if "-m" in interpreter_argv[:-1] else ""
-    return script in ("panfoma", "panfoma-script") or run_module == "panfoma.training.cli"
+    return script in ("panfoma", "panfoma-script") or run_module == "panfoma.cli"
 
 
 __all__ = [

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from panfoma.training.cli import main
+from panfoma.cli.main import main
 from training_helpers import save_tiny_pretrained, write_tiny_dataset
 
 
@@ -93,7 +93,7 @@ def test_embed_precision_options(tmp_path, capsys):
         np.testing.assert_array_equal(written.obsm["X_panfoma"],
                                       embed_adata(model, processor, adata, precision=precision, progress=False))
     # The parser keeps its choices literal (no torch import for --help); they must stay the library's.
-    from panfoma.training.cli import _build_parser
+    from panfoma.cli.main import _build_parser
 
     commands = next(a for a in _build_parser()._actions if a.dest == "command")
     option = next(a for a in commands.choices["embed"]._actions if "--precision" in a.option_strings)

@@ -20,7 +20,7 @@ import scipy.sparse as sp
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 PBMC = DATA / "pbmc" / "pbmc68k_reduced_counts.h5ad"
-CLI = [sys.executable, "-m", "panfoma.training.cli"]
+CLI = [sys.executable, "-m", "panfoma.cli"]
 EMPTY_ROW = 5
 
 

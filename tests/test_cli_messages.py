@@ -1,6 +1,6 @@
 """The command line's messages: every user mistake ends in one line naming the fix (exit status 2), never a traceback.
 
-Each case runs the CLI as a subprocess (`python -m panfoma.training.cli`, which starts like the `panfoma` console
+Each case runs the CLI as a subprocess (`python -m panfoma.cli`, which starts like the `panfoma` console
 script) and checks the exit status, that the message names the fix, and that no traceback is printed. Most cases
 fail before torch is imported, so they take a fraction of a second each.
 """
@@ -17,7 +17,7 @@ import anndata
 import numpy as np
 import pytest
 
-CLI = [sys.executable, "-m", "panfoma.training.cli"]
+CLI = [sys.executable, "-m", "panfoma.cli"]
 GENES = ["CD3E", "ACTB", "GAPDH", "LYZ", "MS4A1", "CD19", "NKG7", "MALAT1"]
 
 
@@ -85,9 +85,9 @@ def _imported_modules(*args: str, cwd: Path) -> set[str]:
 def _every_command_help() -> list[tuple[str, ...]]:
     """`COMMAND --help` for every sub-command of the CLI, and `evaluate TASK --help` for every evaluation task."""
     from panfoma.evaluation.command import TASKS
-    from panfoma.training.cli import _COMMANDS
+    from panfoma.cli.commands import COMMANDS
 
-    return [(name, "--help") for name in _COMMANDS] + [("evaluate", task, "--help") for task in TASKS]
+    return [(name, "--help") for name in COMMANDS] + [("evaluate", task, "--help") for task in TASKS]
 
 
 @pytest.mark.parametrize("args", _every_command_help(), ids=" ".join)
@@ -221,11 +221,11 @@ def _run_with_handler(tmp_path, raised: str, *extra: str) -> subprocess.Complete
     """
     code = (
         "import dataclasses, sys\n"
-        "from panfoma.training import cli\n"
+        "from panfoma.cli import commands, main\n"
         "def handler(args):\n"
         f"    raise {raised}\n"
-        "cli._COMMANDS['embed'] = dataclasses.replace(cli._COMMANDS['embed'], handler=handler)\n"
-        f"sys.exit(cli.main(['embed', 'm', 'in.h5ad', '-o', 'o.h5ad', *{list(extra)!r}]))\n"
+        "commands.COMMANDS['embed'] = dataclasses.replace(commands.COMMANDS['embed'], handler=handler)\n"
+        f"sys.exit(main.main(['embed', 'm', 'in.h5ad', '-o', 'o.h5ad', *{list(extra)!r}]))\n"
     )
     script = tmp_path / "panfoma"
     script.write_text(code)
@@ -236,12 +236,12 @@ def _run_with_body(tmp_path, body: str, *extra: str) -> subprocess.CompletedProc
     """Run `panfoma embed` with its handler replaced by `body` (indented Python statements, then `return 0`)."""
     code = (
         "import dataclasses, sys, warnings\n"
-        "from panfoma.training import cli\n"
+        "from panfoma.cli import commands, main\n"
         "def handler(args):\n"
         + "".join(f"    {line}\n" for line in body.splitlines()) +
         "    return 0\n"
-        "cli._COMMANDS['embed'] = dataclasses.replace(cli._COMMANDS['embed'], handler=handler)\n"
-        f"sys.exit(cli.main(['embed', 'm', 'in.h5ad', '-o', 'o.h5ad', *{list(extra)!r}]))\n"
+        "commands.COMMANDS['embed'] = dataclasses.replace(commands.COMMANDS['embed'], handler=handler)\n"
+        f"sys.exit(main.main(['embed', 'm', 'in.h5ad', '-o', 'o.h5ad', *{list(extra)!r}]))\n"
     )
     script = tmp_path / "panfoma"
     script.write_text(code)
@@ -296,24 +296,25 @@ def test_library_hints_are_rewritten_as_flags(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- in process
 def test_every_option_states_its_default():
-    from panfoma.training.cli import _build_parser, _leaf_parsers
+    from panfoma.cli.main import _build_parser
+    from panfoma.cli.options import leaf_parsers
 
     parser = _build_parser()
     commands = next(a for a in parser._actions if a.dest == "command")
     for name, sub in commands.choices.items():
-        for leaf in _leaf_parsers(sub):
+        for leaf in leaf_parsers(sub):
             for action in leaf._actions:
                 if action.option_strings and not action.required and action.dest not in ("help", "verbose", "quiet"):
                     assert "default" in (action.help or "").lower(), (name, action.option_strings, action.help)
                     assert "(default: None)" not in action.help
         if name not in ("push",):
-            assert any("--threads" in leaf._option_string_actions for leaf in _leaf_parsers(sub)), name
+            assert any("--threads" in leaf._option_string_actions for leaf in leaf_parsers(sub)), name
 
 
 def test_threads_sets_torch_numba_and_openmp_together(monkeypatch):
     import torch
 
-    from panfoma.training.cli import _set_threads
+    from panfoma.cli.main import _set_threads
 
     before = torch.get_num_threads()
     for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS"):
@@ -330,22 +331,22 @@ def test_threads_sets_torch_numba_and_openmp_together(monkeypatch):
 
 
 def test_pretrain_relaunch_drops_the_cli_only_options():
-    from panfoma.training.cli import _without_cli_options
+    from panfoma.cli.options import without_cli_options
 
     argv = ["-v", "pretrain", "--threads", "2", "--config", "c.yaml", "--threads=3", "--quiet", "--dataset", "d"]
-    assert _without_cli_options(argv) == ["pretrain", "--config", "c.yaml", "--dataset", "d"]
+    assert without_cli_options(argv) == ["pretrain", "--config", "c.yaml", "--dataset", "d"]
 
 
 @pytest.mark.parametrize("genes_in_rows", [False, True])
 def test_csv_inputs_are_read_with_anndata_in_either_orientation(tmp_path, genes_in_rows):
     import pandas as pd
 
-    from panfoma.training.cli import _prepare_input
+    from panfoma.cli.inputs import prepare_input
 
     counts = np.random.default_rng(1).poisson(2.0, (5, len(GENES)))
     table = pd.DataFrame(counts, index=[f"cell{i}" for i in range(5)], columns=GENES)
     (table.T if genes_in_rows else table).to_csv(tmp_path / "cells.csv")
-    converted = _prepare_input(str(tmp_path / "cells.csv"), "input", tmp_path)
+    converted = prepare_input(str(tmp_path / "cells.csv"), "input", tmp_path)
     adata = anndata.read_h5ad(converted)
     assert list(adata.var_names) == GENES and list(adata.obs_names) == list(table.index)
     np.testing.assert_array_equal(np.asarray(adata.X), counts)
@@ -354,7 +355,7 @@ def test_csv_inputs_are_read_with_anndata_in_either_orientation(tmp_path, genes_
 def test_embed_reads_a_csv_given_as_h5ad(tmp_path, tiny_model, capsys):
     import pandas as pd
 
-    from panfoma.training.cli import main
+    from panfoma.cli.main import main
 
     counts = np.random.default_rng(2).poisson(2.0, (4, len(GENES))) + 1
     pd.DataFrame(counts, index=[f"c{i}" for i in range(4)], columns=GENES).to_csv(tmp_path / "cells.h5ad")

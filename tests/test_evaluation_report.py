@@ -69,7 +69,7 @@ def test_evaluate_announces_its_stages(shared_data, tmp_path):
 
     pbmc = ad.read_h5ad(shared_data / "pbmc" / "pbmc68k_reduced_counts.h5ad")
     pbmc[np.sort(np.random.default_rng(0).choice(pbmc.n_obs, 300, replace=False))].copy().write_h5ad(tmp_path / "c.h5ad")
-    command = [sys.executable, "-m", "panfoma.training.cli", "evaluate", "annotation", str(tmp_path / "c.h5ad"),
+    command = [sys.executable, "-m", "panfoma.cli", "evaluate", "annotation", str(tmp_path / "c.h5ad"),
                "--random-projection-control", "--output-dir", str(tmp_path / "eval"), "--seeds", "0"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})

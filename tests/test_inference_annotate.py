@@ -131,7 +131,7 @@ def test_cli_annotate_end_to_end(cellbench, tiny_model):
     _, query, folder = cellbench
     output = folder / "query.annotated.h5ad"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    command = [sys.executable, "-m", "panfoma.training.cli", "annotate", str(folder / "query.h5ad"), "--reference",
+    command = [sys.executable, "-m", "panfoma.cli", "annotate", str(folder / "query.h5ad"), "--reference",
                str(folder / "reference.h5ad"), "--label-key", "cell_type", "--model", str(tiny_model), "-o",
                str(output), "--min-confidence", "0.5", "--max-genes", "64", "--precision", "fp32", "--overwrite"]
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)

@@ -116,7 +116,7 @@ def test_cli_gene_embeddings(pbmc, tiny, tmp_path):
     data = tmp_path / "cells.h5ad"
     pbmc[:12].copy().write_h5ad(data)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    command = [sys.executable, "-m", "panfoma.training.cli", "gene-embeddings", str(folder), "-o",
+    command = [sys.executable, "-m", "panfoma.cli", "gene-embeddings", str(folder), "-o",
                str(tmp_path / "genes.csv"), "--data", str(data), "--attention", str(tmp_path / "attention.csv"),
                "--attention-genes", "10", "--max-genes", "64"]
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)

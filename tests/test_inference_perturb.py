@@ -95,7 +95,7 @@ def test_cli_perturb(pbmc, tmp_path):
     pbmc[:20].copy().write_h5ad(data)
     output = tmp_path / "genes.csv"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    command = [sys.executable, "-m", "panfoma.training.cli", "perturb", str(model), str(data), "-o", str(output),
+    command = [sys.executable, "-m", "panfoma.cli", "perturb", str(model), str(data), "-o", str(output),
                "--genes", f"{PLANTED},JUNB", "--target-key", "state", "--target", "off", "--max-genes", "64",
                "--cell-shifts", str(tmp_path / "cells.csv")]
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)

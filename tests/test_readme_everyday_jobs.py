@@ -30,7 +30,7 @@ def test_everyday_jobs_commands_run_as_written(shared_data, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     for command in commands:
         command = command.replace("../shared/data", str(shared_data))
-        command = re.sub(r"^panfoma ", f"{sys.executable} -m panfoma.training.cli ", command)
+        command = re.sub(r"^panfoma ", f"{sys.executable} -m panfoma.cli ", command)
         command = re.sub(r"^python ", f"{sys.executable} ", command)
         done = subprocess.run(["bash", "-c", command], cwd=tmp_path, capture_output=True, text=True, env=env,
                               timeout=900)

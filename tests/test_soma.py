@@ -137,7 +137,7 @@ def tiny_model(tmp_path_factory) -> Path:
 def test_panfoma_embed_reads_a_soma_experiment_like_the_h5ad(cells_and_soma, tiny_model, tmp_path):
     import anndata as ad
 
-    from panfoma.training.cli import main
+    from panfoma.cli.main import main
 
     h5ad, uri = cells_and_soma
     common = ["--precision", "fp32", "--batch-size", "32", "--max-genes", "128"]
