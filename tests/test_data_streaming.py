@@ -67,6 +67,21 @@ def test_ranks_read_their_own_shards_and_see_every_cell_once_per_epoch(sharded_b
     assert [e["idx"] for e in _stream(sharded_bench, 0, 2, seed=8).examples(0)] != orders[(0, 0)]
 
 
+def test_streamed_cells_are_the_stored_cells_in_arrays_of_their_own(sharded_bench):
+    # The shuffle buffer holds copies: a held cell must not pin (or alias) the Arrow table it was read from, and the
+    # copy must be that very cell's genes and counts.
+    import numpy as np
+
+    stored = {row["idx"]: row for row in load_bench(sharded_bench, split="train")}
+    streamed = list(_stream(sharded_bench, 0, 1, buffer_size=10).examples(0))
+    assert sorted(e["idx"] for e in streamed) == sorted(stored)
+    for example in streamed:
+        for name, dtype in (("gene_ids", np.int32), ("counts", np.float32)):
+            values = example[name]
+            assert values.dtype == dtype and values.base is None and values.flags.owndata
+            np.testing.assert_array_equal(values, np.asarray(stored[example["idx"]][name], dtype=dtype))
+
+
 def test_shard_count_not_a_multiple_of_processes_falls_back_to_disjoint_examples(sharded_bench, caplog):
     with caplog.at_level(logging.WARNING, logger="panfoma.data.streaming"):
         streams = [_stream(sharded_bench, rank, 3) for rank in range(3)]
