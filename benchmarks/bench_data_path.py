@@ -5,15 +5,18 @@ its own; the libraries it imports lazily are imported before the RSS baseline is
 
 1. **generate**: `panfoma.data.synthetic.write_synthetic_study`, a CSR `.h5ad` streamed to disk (cells over
    `--n-genes` real vocabulary genes, `--genes-per-cell` expressed genes per cell on average, UMI-like counts);
-2. **build**: `panfoma.data.build_bench` (gene standardisation, the four QC steps, patient splits, Parquet);
+2. **build**: `panfoma.data.build_bench` (gene standardisation, the four QC steps, patient splits, Parquet
+   shards of `--shard-size` cells);
 3. **stream**: the train split read through `panfoma.data.ShardedStream` (what streaming pretraining reads:
    seeded shuffle buffer of `--shuffle-buffer` cells), every cell once;
 4. **stream + collate**: the same stream collated into training batches by `PanFoMaDataCollator`
    (`--max-genes` genes per cell, masking on), batches of `--batch-size`.
 
 A data path that scales keeps cells/s and peak RSS flat as N grows (only the builder's small per-cell QC arrays,
-~30 bytes per cell, grow with N). Results (one record per N and stage, with the machine and the command) go to
-`benchmarks/results/data_path.json`.
+~30 bytes per cell, grow with N). The stream holds its shuffle buffer (`--shuffle-buffer` cells) plus what pyarrow's
+Parquet scan keeps of the shard being read (see `panfoma.data.streaming`), so its memory is flat in N for a fixed
+shard size, not for one shard that grows with N. Results (one record per N and stage, with the machine and the
+command) go to `benchmarks/results/data_path.json`.
 
 Usage:
     OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 python benchmarks/bench_data_path.py --n-cells 10000 100000
@@ -78,7 +81,7 @@ PanFoMaGeneVocab.from_default()
 sampler = _PeakRSS(); sampler.start()
 start = time.perf_counter()
 study = PanFoMaBenchStudy(name="syn", path=sys.argv[1], cancer_type="synthetic", tissue="t", cell_type_column="cell_type")
-out = build_bench([study], sys.argv[2], chunk_size=1024)
+out = build_bench([study], sys.argv[2], chunk_size=1024, shard_size=int(sys.argv[3]))
 cells_in = json.loads((out / "qc_report.json").read_text())["totals"]["cells_in"]
 _report(time.perf_counter() - start, sampler, cells=cells_in)
 """,
@@ -124,6 +127,7 @@ def main() -> None:
     parser.add_argument("--n-cells", type=int, nargs="+", default=[10_000, 100_000])
     parser.add_argument("--n-genes", type=int, default=20_000, help="genes in the generated studies (default 20000)")
     parser.add_argument("--genes-per-cell", type=int, default=2000, help="mean expressed genes per cell (2000)")
+    parser.add_argument("--shard-size", type=int, default=10_000, help="cells per Parquet shard (10000)")
     parser.add_argument("--shuffle-buffer", type=int, default=10_000)
     parser.add_argument("--max-genes", type=int, default=3072, help="genes per cell in the collated batches")
     parser.add_argument("--batch-size", type=int, default=64)
@@ -145,7 +149,7 @@ def main() -> None:
             stages = {
                 "generate": _run_stage("generate", str(h5ad), str(n_cells), str(args.n_genes),
                                        str(args.genes_per_cell)),
-                "build": _run_stage("build", str(h5ad), str(bench)),
+                "build": _run_stage("build", str(h5ad), str(bench), str(args.shard_size)),
                 "stream": _run_stage("stream", str(bench), str(args.shuffle_buffer)),
                 "stream_collate": _run_stage("stream_collate", str(bench), str(args.shuffle_buffer),
                                              str(args.max_genes), str(args.batch_size)),
@@ -170,7 +174,7 @@ def main() -> None:
                    + " ".join(sys.argv[1:]),
         "machine": {"python": platform.python_version(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
                     "datasets": datasets.__version__, "processor": platform.processor() or platform.machine()},
-        "settings": {"n_genes": args.n_genes, "genes_per_cell": args.genes_per_cell,
+        "settings": {"n_genes": args.n_genes, "genes_per_cell": args.genes_per_cell, "shard_size": args.shard_size,
                      "shuffle_buffer": args.shuffle_buffer, "max_genes": args.max_genes, "batch_size": args.batch_size},
         "runs": runs,
     }
