@@ -100,7 +100,7 @@ DEFAULT_MAX_GENES: int | None = 256
 DEFAULT_PRECISION = "auto"
 #: Class weights of the cross-entropy: "balanced" (each class weighs n / (k * n_class) over the training cells, so
 #: rare cell types count as much as common ones, matching macro-F1) or None (unweighted).
-DEFAULT_CLASS_WEIGHTING: str | None = None
+DEFAULT_CLASS_WEIGHTING: str | None = "balanced"
 CLASS_WEIGHTINGS = ("balanced", "none")
 
 
