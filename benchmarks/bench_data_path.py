@@ -38,29 +38,9 @@ from pathlib import Path
 
 logger = logging.getLogger("bench_data_path")
 
-_SAMPLER = """
-import os, threading, time, json, sys
-def _rss_mib():
-    with open("/proc/self/statm") as handle:
-        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-class _PeakRSS(threading.Thread):
-    # Samples the resident set every 10 ms from the moment the stage starts (imports excluded).
-    def __init__(self):
-        super().__init__(daemon=True)
-        self.base = self.peak = _rss_mib()
-        self.running = True
-    def run(self):
-        while self.running:
-            self.peak = max(self.peak, _rss_mib())
-            time.sleep(0.01)
-    def stop(self):
-        self.running = False
-        self.join()
-        self.peak = max(self.peak, _rss_mib())
-        return self.peak
-def _report(seconds, sampler, **extra):
-    print(json.dumps({"seconds": seconds, "base_rss_mib": sampler.base, "peak_rss_mib": sampler.stop(), **extra}))
-"""
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _rss import PEAK_RSS_SAMPLER as _SAMPLER  # noqa: E402
+
 
 _STAGES = {
     "generate": _SAMPLER + """

@@ -34,28 +34,9 @@ import numpy as np
 
 logger = logging.getLogger("bench_dataset")
 
-_SAMPLER = """
-import os, threading, time
-def _rss_mib():
-    with open("/proc/self/statm") as handle:
-        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-class _PeakRSS(threading.Thread):
-    # Samples the current RSS every 10 ms (ru_maxrss would include transient peaks of the imports).
-    def __init__(self):
-        super().__init__(daemon=True)
-        self.base = _rss_mib()
-        self.peak = self.base
-        self.running = True
-    def run(self):
-        while self.running:
-            self.peak = max(self.peak, _rss_mib())
-            time.sleep(0.01)
-    def stop(self):
-        self.running = False
-        self.join()
-        self.peak = max(self.peak, _rss_mib())
-        return self.peak
-"""
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _rss import PEAK_RSS_SAMPLER as _SAMPLER  # noqa: E402
+
 
 _BUILD_SCRIPT = _SAMPLER + """
 import json, sys, time

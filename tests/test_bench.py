@@ -460,9 +460,9 @@ def test_bad_study_columns_and_layers_are_reported(tmp_path, vocab):
 
 
 # ------------------------------------------------------------------------------------------ slow tier
-# The RSS sampler is the benchmark's (benchmarks/bench_dataset.py), so the test and the benchmark measure alike.
+# The RSS sampler is the benchmarks' (benchmarks/_rss.py), so the test and the benchmarks measure alike.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from bench_dataset import _SAMPLER  # noqa: E402
+from _rss import PEAK_RSS_SAMPLER as _SAMPLER  # noqa: E402
 
 _RSS_SCRIPT = _SAMPLER + """
 import json, sys
