@@ -128,8 +128,9 @@ def test_finetune_on_real_single_donor_pbmc_reports_the_saved_models_test_metric
                               cancer_type="healthy", tissue="blood", cell_type_column="cell_type")
     bench = build_bench([study], tmp_path / "pbmc_bench", qc=PanFoMaBenchQCConfig(min_genes=50))
     # One donor: the default split_by="dataset" falls back to a stratified cell split.
+    # fp32 and every expressed gene, so the recomputation below sees exactly the inputs the Trainer scored.
     result = finetune(tiny[1], bench, tmp_path / "classifier", max_steps=4, per_device_train_batch_size=16,
-                      per_device_eval_batch_size=64, progress=False)
+                      per_device_eval_batch_size=64, progress=False, max_genes=None, bf16=False)
     assert len(result.label_names) == 10 and "Dendritic" in result.label_names
     model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "classifier").eval()
     assert model.config.id2label[9] == result.label_names[9] and model.config.num_labels == 10
