@@ -531,6 +531,18 @@ class GeneTargetNormalizer(nn.Module):
         return mean, var.sqrt().clamp(min=self.min_std)
 
 
+def _regression_losses(predicted: torch.Tensor, targets: torch.Tensor, statistics) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss to optimise, loss to report) of predictions (k,) against targets (k,). With per-gene `statistics`
+    (mean, std) the model predicts standardised targets and the reported loss is converted back to the targets'
+    units (comparable to the shortcut floors); without, both are the same MSE."""
+    predicted = predicted.float()
+    if statistics is None:
+        loss = F.mse_loss(predicted, targets)
+        return loss, loss
+    mean, std = statistics
+    return F.mse_loss(predicted, (targets - mean) / std), F.mse_loss(predicted.detach() * std + mean, targets)
+
+
 def random_halves(valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Split each row's valid genes (b, n) at random into two disjoint, non-empty halves (boolean masks); a row with
     fewer than two genes gives its genes to both halves."""
@@ -912,17 +924,13 @@ class PanFoMaForPreTraining(PanFoMaPreTrainedModel):
                         "batch: build it with PanFoMaDataCollator(..., return_raw_values=True)."
                     )
                 targets = raw_values.float()[target_mask]
-                mean, std = self._target_statistics(input_ids[target_mask], targets)
-                standardised = (targets - mean) / std
-                # Optimised on the standardised scale; reported in the target's units (comparable to the floors).
+                statistics = self._target_statistics(input_ids[target_mask], targets)
                 if config.mse_loss_weight > 0:
-                    predicted = value_predictions.float()[target_mask]
-                    loss = loss + config.mse_loss_weight * F.mse_loss(predicted, standardised)
-                    mse_loss = F.mse_loss(predicted.detach() * std + mean, targets)
+                    optimised, mse_loss = _regression_losses(value_predictions[target_mask], targets, statistics)
+                    loss = loss + config.mse_loss_weight * optimised
                 if config.mvc_loss_weight > 0:
-                    predicted = cell_predictions.float()[target_mask]
-                    loss = loss + config.mvc_loss_weight * F.mse_loss(predicted, standardised)
-                    mvc_loss = F.mse_loss(predicted.detach() * std + mean, targets)
+                    optimised, mvc_loss = _regression_losses(cell_predictions[target_mask], targets, statistics)
+                    loss = loss + config.mvc_loss_weight * optimised
             if config.contrastive_loss_weight > 0 and input_ids.size(0) > 1:
                 contrastive_loss = self._contrastive_loss(input_ids, values, attention_mask)
                 loss = loss + config.contrastive_loss_weight * contrastive_loss
@@ -944,11 +952,11 @@ class PanFoMaForPreTraining(PanFoMaPreTrainedModel):
         return output if return_dict else output.to_tuple()
 
 
-    def _target_statistics(self, ids: torch.LongTensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(mean, std) used to standardise the regression targets: the running per-gene statistics (updated first
-        when training) with `target_normalization="gene"`, else (0, 1)."""
+    def _target_statistics(self, ids: torch.LongTensor, targets: torch.Tensor):
+        """(mean, std) that standardise the regression targets: the running per-gene statistics (updated first when
+        training) with `target_normalization="gene"`, else None (targets as they are)."""
         if self.config.target_normalization != "gene":
-            return torch.zeros_like(targets), torch.ones_like(targets)
+            return None
         if self.training:
             self.target_normalizer.update(ids, targets)
         return self.target_normalizer.statistics(ids)
