@@ -117,6 +117,8 @@ def main(argv=None) -> int:
     parser.add_argument("--max-genes", type=int, default=None, help="override DEFAULT_MAX_GENES")
     parser.add_argument("--class-weighting", choices=("balanced", "none"), default=None,
                         help="override DEFAULT_CLASS_WEIGHTING")
+    parser.add_argument("--downsample-min", type=float, default=None, help="override DEFAULT_DOWNSAMPLE_MIN (1 = off)")
+    parser.add_argument("--gene-dropout", type=float, default=None, help="override DEFAULT_GENE_DROPOUT (0 = off)")
     parser.add_argument("--data-dir", type=Path, default=REPO.parent / "shared" / "data")
     parser.add_argument("--work-dir", type=Path, default=REPO / "runs" / "finetune-recipe")
     parser.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results" / "finetune_recipe.jsonl")
@@ -130,6 +132,9 @@ def main(argv=None) -> int:
         adata, train, val, test = load_task(args.data_dir, args.task, seed)
         base = baseline(adata, train, val, test, seed)
         overrides = {k: v for k, v in (("num_train_epochs", args.epochs), ("max_genes", args.max_genes)) if v}
+        for name in ("downsample_min", "gene_dropout"):
+            if getattr(args, name) is not None:
+                overrides[name] = getattr(args, name)
         if args.class_weighting:
             overrides["class_weighting"] = None if args.class_weighting == "none" else args.class_weighting
         model_metrics, _, details = finetuned(adata, train, val, test, seed, args.work_dir, args.model, **overrides)

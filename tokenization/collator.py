@@ -29,7 +29,7 @@ import torch
 from transformers import TrainerCallback
 
 from .binning import DEFAULT_N_BINS, value_mask_id, value_pad_id
-from .encoding import DEFAULT_TARGET_SUM, GENE_SELECTIONS, EncodedCell, encode_cells, pad_encoded
+from .encoding import DEFAULT_TARGET_SUM, GENE_SELECTIONS, EncodedCell, augment_cell, encode_cells, pad_encoded
 from .vocabulary import PAD_TOKEN_ID
 
 logger = logging.getLogger(__name__)
@@ -64,6 +64,11 @@ class PanFoMaDataCollator:
             epoch, the paper's pretraining) or `"top"` (the most expressed; deterministic). Default: "random"
             for masked value modelling, the processor's choice (else "top") for classification.
         return_raw_values: include `raw_values` (default: True when mlm).
+        downsample_min: training augmentation (`encoding.augment_cell`): thin each cell's counts to a random
+            fraction in [downsample_min, 1] of its molecules, redrawn every epoch; None or 1 = off. Needs sparse
+            cells (`gene_ids` + `counts`). Use a collator without augmentation for evaluation.
+        gene_dropout: training augmentation: drop each expressed gene with a probability drawn from
+            [0, gene_dropout] per cell and epoch; None or 0 = off.
 
     Example:
         >>> collator = PanFoMaDataCollator(None, max_genes=8, seed=0)
@@ -86,6 +91,8 @@ class PanFoMaDataCollator:
         shuffle_genes: bool | None = None,
         gene_selection: str | None = None,
         return_raw_values: bool | None = None,
+        downsample_min: float | None = None,
+        gene_dropout: float | None = None,
     ):
         source = processor_or_config
         self.n_bins = int(getattr(source, "n_bins", DEFAULT_N_BINS))
@@ -114,9 +121,22 @@ class PanFoMaDataCollator:
         self.shuffle_genes = bool(getattr(source, "shuffle_genes", True) if shuffle_genes is None else shuffle_genes)
         self.target_sum = float(getattr(source, "target_sum", DEFAULT_TARGET_SUM))
         self.return_raw_values = self.mlm if return_raw_values is None else bool(return_raw_values)
+        if downsample_min is not None and not 0.0 < downsample_min <= 1.0:
+            raise ValueError(f"downsample_min must be a fraction in (0, 1] (1 = no downsampling), got {downsample_min} "
+                             "(CLI: --downsample-min).")
+        if gene_dropout is not None and not 0.0 <= gene_dropout < 1.0:
+            raise ValueError(f"gene_dropout must be a probability in [0, 1) (0 = no dropout), got {gene_dropout} "
+                             "(CLI: --gene-dropout).")
+        self.downsample_min = None if downsample_min in (None, 1.0) else float(downsample_min)
+        self.gene_dropout = float(gene_dropout) if gene_dropout else None
         self.epoch = 0
         self._counter = 0
         self._warned_no_idx = False
+
+    @property
+    def augments(self) -> bool:
+        """Whether this collator perturbs cells (`downsample_min` / `gene_dropout`): a training collator."""
+        return self.downsample_min is not None or self.gene_dropout is not None
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch: genes are resampled and masks redrawn for every epoch."""
@@ -139,12 +159,15 @@ class PanFoMaDataCollator:
     # ------------------------------------------------------------------ encoding
     def _encode_sparse(self, examples: Sequence[Mapping[str, Any]], rngs: list[np.random.Generator]) -> list[EncodedCell]:
         lengths, gene_parts, count_parts = [], [], []
-        for example in examples:
+        for example, rng in zip(examples, rngs):
             genes = np.asarray(example["gene_ids"], dtype=np.int64)
             counts = np.asarray(example["counts"], dtype=np.float64)
             if genes.shape != counts.shape or genes.ndim != 1:
                 raise ValueError(f"gene_ids and counts must be 1-D lists of equal length, got {genes.shape} "
                                  f"and {counts.shape}.")
+            if self.augments:
+                genes, counts = augment_cell(genes, counts, rng, downsample_min=self.downsample_min,
+                                             gene_dropout=self.gene_dropout)
             lengths.append(genes.size)
             gene_parts.append(genes)
             count_parts.append(counts)
@@ -189,6 +212,9 @@ class PanFoMaDataCollator:
         if all(sparse):
             cells = self._encode_sparse(examples, rngs)
         elif not any(sparse) and all("input_ids" in example and "values" in example for example in examples):
+            if self.augments:
+                raise ValueError("downsample_min / gene_dropout augment raw counts: give sparse cells (gene_ids + "
+                                 "counts), not processed ones (input_ids + values), or turn the augmentation off.")
             cells = [self._unpad_processed(example) for example in examples]
         else:
             raise ValueError(

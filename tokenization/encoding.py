@@ -46,6 +46,51 @@ class EncodedCell:
     raw_values: np.ndarray  # float32
 
 
+def augment_cell(
+    gene_ids: np.ndarray,
+    counts: np.ndarray,
+    rng: np.random.Generator,
+    *,
+    downsample_min: float | None = None,
+    gene_dropout: float | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """A randomly perturbed copy of one cell's expression (training-time augmentation); returns (gene_ids, counts).
+
+    Two perturbations that a cell of the same type measured on another platform or at another depth shows:
+
+    * `downsample_min`: the cell's counts are binomially thinned to a fraction `p ~ U(downsample_min, 1)` of its
+      molecules (integer counts; other values are scaled by `p`), as a shallower library of the same cell would be;
+    * `gene_dropout`: each expressed gene is dropped with a probability drawn from `U(0, gene_dropout)` for the
+      cell, as genes near the detection limit of another protocol are.
+
+    Genes whose count falls to zero are removed; a cell keeps at least its most expressed gene.
+
+    Example:
+        >>> genes, counts = augment_cell(np.array([4, 5, 6]), np.array([10.0, 3.0, 1.0]), np.random.default_rng(0),
+        ...                              downsample_min=0.5)
+        >>> set(genes.tolist()) <= {4, 5, 6}, bool(counts.sum() <= 14), genes.shape == counts.shape
+        (True, True, True)
+    """
+    counts = np.asarray(counts, dtype=np.float64)
+    gene_ids = np.asarray(gene_ids)
+    out = counts
+    if downsample_min is not None and downsample_min < 1.0:
+        fraction = rng.uniform(downsample_min, 1.0)
+        if np.all(counts == np.round(counts)):
+            out = rng.binomial(counts.astype(np.int64), fraction).astype(np.float64)
+        else:
+            out = counts * fraction
+    keep = out > 0
+    if gene_dropout:
+        keep &= rng.random(out.size) >= rng.uniform(0.0, gene_dropout)
+    if not keep.any() and counts.size:
+        top = int(np.argmax(counts))
+        keep[top] = True
+        out = out.copy()
+        out[top] = counts[top]
+    return gene_ids[keep], out[keep]
+
+
 def select_genes(
     expressed: np.ndarray,
     *,
@@ -218,4 +263,5 @@ def pad_encoded(
     return {"input_ids": input_ids, "values": values, "attention_mask": attention_mask, "raw_values": raw_values}
 
 
-__all__ = ["DEFAULT_TARGET_SUM", "GENE_SELECTIONS", "EncodedCell", "encode_cells", "pad_encoded", "select_genes"]
+__all__ = ["DEFAULT_TARGET_SUM", "GENE_SELECTIONS", "EncodedCell", "augment_cell", "encode_cells", "pad_encoded",
+           "select_genes"]

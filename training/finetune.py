@@ -102,6 +102,13 @@ DEFAULT_PRECISION = "auto"
 #: rare cell types count as much as common ones, matching macro-F1) or None (unweighted).
 DEFAULT_CLASS_WEIGHTING: str | None = "balanced"
 CLASS_WEIGHTINGS = ("balanced", "none")
+#: Training-cell augmentation (`panfoma.tokenization.encoding.augment_cell`), redrawn every epoch; validation and test
+#: cells are never perturbed. Counts are binomially thinned to a random fraction in [DEFAULT_DOWNSAMPLE_MIN, 1] of
+#: the cell's molecules (None / 1 = off) and each expressed gene is dropped with a probability drawn from
+#: [0, DEFAULT_GENE_DROPOUT] (None / 0 = off): a cell type then has to be recognised from many genes at several
+#: depths, which is what a cell of that type on another platform looks like (CellBench CEL-seq2 -> Drop-seq).
+DEFAULT_DOWNSAMPLE_MIN: float | None = 0.3
+DEFAULT_GENE_DROPOUT: float | None = 0.3
 
 
 def _use_bf16(bf16: bool | None, use_cpu: bool) -> bool:
@@ -311,6 +318,8 @@ def build_trainer(
     head_warmup_steps: int = DEFAULT_HEAD_WARMUP_STEPS,
     max_genes: int | None = DEFAULT_MAX_GENES,
     class_weighting: str | None = DEFAULT_CLASS_WEIGHTING,
+    downsample_min: float | None = DEFAULT_DOWNSAMPLE_MIN,
+    gene_dropout: float | None = DEFAULT_GENE_DROPOUT,
     seed: int = 0,
     bf16: bool | None = None,
     use_cpu: bool = False,
@@ -328,6 +337,8 @@ def build_trainer(
     by validation macro-F1 restored at the end, optional early stopping, `PanFoMaTrainer`'s parameter groups.
     `class_weighting`: "balanced" weights the cross-entropy by inverse class frequency in `train_dataset`
     (`balanced_class_weights`); None or "none": unweighted.
+    `downsample_min` / `gene_dropout`: augmentation of the training cells only (a second collator, see
+    `PanFoMaDataCollator`); the evaluation collator and the head warm start see the cells as they are.
     `lora_r`: wrap the model in LoRA adapters of that rank (`panfoma.training.lora.apply_lora`: attention and Mamba
     projections; only the adapters and the classifier head train); the Trainer's model is then the peft model.
     """
@@ -371,6 +382,9 @@ def build_trainer(
     )
     collator = PanFoMaDataCollator(processor, mlm=False, label_column=label_column, seed=seed, max_genes=max_genes,
                                    return_raw_values=False)
+    train_collator = PanFoMaDataCollator(processor, mlm=False, label_column=label_column, seed=seed,
+                                         max_genes=max_genes, return_raw_values=False, downsample_min=downsample_min,
+                                         gene_dropout=gene_dropout)
     if lora_r:
         from .lora import apply_lora
 
@@ -380,14 +394,14 @@ def build_trainer(
     class_weights = None
     if class_weighting == "balanced" and getattr(model.config, "num_labels", 0) > 1:
         class_weights = balanced_class_weights(train_dataset[label_column], model.config.num_labels)
-    callbacks = [PanFoMaCollatorEpochCallback(collator)]
+    callbacks = [PanFoMaCollatorEpochCallback(train_collator)]
     if early_stopping_patience is not None:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=early_stopping_patience))
     return PanFoMaTrainer(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                           data_collator=collator, processing_class=processor,
                           compute_metrics=compute_classification_metrics, callbacks=callbacks,
                           head_learning_rate=head_learning_rate, head_warmup_steps=head_warmup_steps,
-                          class_weights=class_weights)
+                          class_weights=class_weights, train_data_collator=train_collator)
 
 
 def finetune(
@@ -411,6 +425,8 @@ def finetune(
     head_warmup_steps: int = DEFAULT_HEAD_WARMUP_STEPS,
     max_genes: int | None = DEFAULT_MAX_GENES,
     class_weighting: str | None = DEFAULT_CLASS_WEIGHTING,
+    downsample_min: float | None = DEFAULT_DOWNSAMPLE_MIN,
+    gene_dropout: float | None = DEFAULT_GENE_DROPOUT,
     seed: int = 0,
     bf16: bool | None = None,
     use_cpu: bool = False,
@@ -434,6 +450,9 @@ def finetune(
         head_learning_rate: peak learning rate of the classifier head and input embeddings (None: `learning_rate`).
         max_genes: genes per cell (None: every expressed gene).
         class_weighting: "balanced" (inverse class frequency in the training split) or None / "none".
+        downsample_min / gene_dropout: augmentation of the training cells, redrawn every epoch: counts thinned to a
+            random fraction in [downsample_min, 1] (None or 1: off), each gene dropped with a probability drawn from
+            [0, gene_dropout] (None or 0: off). Validation and test cells are never perturbed.
         early_stopping_patience: evaluations without improvement before stopping (None: never stop early).
         lora_r / lora_alpha / lora_target_modules: LoRA fine-tuning (extra `lora`): adapters of rank `lora_r` on the
             attention and Mamba projections (default targets `panfoma.training.lora.LORA_TARGET_MODULES`), only they
@@ -457,7 +476,7 @@ def finetune(
         per_device_train_batch_size=per_device_train_batch_size, per_device_eval_batch_size=per_device_eval_batch_size,
         gradient_accumulation_steps=gradient_accumulation_steps, early_stopping_patience=early_stopping_patience,
         head_warmup_steps=head_warmup_steps, max_genes=max_genes, class_weighting=class_weighting,
-        seed=seed, bf16=bf16, use_cpu=use_cpu, report_to=report_to, progress=progress,
+        downsample_min=downsample_min, gene_dropout=gene_dropout, seed=seed, bf16=bf16, use_cpu=use_cpu, report_to=report_to, progress=progress,
         logging_steps=logging_steps, lora_r=lora_r, lora_alpha=lora_alpha, lora_target_modules=lora_target_modules,
     )
     trainer.train()
@@ -491,6 +510,24 @@ def _fmt(metrics: dict | None) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- CLI
+def _fraction_in(low: float, high: float, *, low_open: bool, high_open: bool):
+    """argparse type: a float in the interval between `low` and `high` (open or closed ends)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        above = value > low if low_open else value >= low
+        below = value < high if high_open else value <= high
+        if not (above and below):
+            interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+            raise argparse.ArgumentTypeError(f"{text} is outside {interval}")
+        return value
+
+    return parse
+
+
 def add_finetune_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add `panfoma finetune` options to `parser` (defaults: this module's `DEFAULT_*` constants)."""
     parser.add_argument("model", help="pretrained PanFoMa folder (with its processor), Hub id, or a preset name "
@@ -520,6 +557,12 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     parser.add_argument("--class-weighting", choices=CLASS_WEIGHTINGS, default=DEFAULT_CLASS_WEIGHTING or "none",
                         help="cross-entropy class weights: 'balanced' = inverse class frequency in the training split, "
                         "so rare cell types count as much as common ones (default %(default)s)")
+    parser.add_argument("--downsample-min", type=_fraction_in(0, 1, low_open=True, high_open=False), default=DEFAULT_DOWNSAMPLE_MIN or 1.0, metavar="FRACTION",
+                        help="augmentation: thin each training cell's counts to a random fraction in [FRACTION, 1] of "
+                        "its molecules, redrawn every epoch; 1 = off (default %(default)s)")
+    parser.add_argument("--gene-dropout", type=_fraction_in(0, 1, low_open=False, high_open=True), default=DEFAULT_GENE_DROPOUT or 0.0, metavar="P",
+                        help="augmentation: drop each expressed gene of a training cell with a probability drawn from "
+                        "[0, P] every epoch; 0 = off (default %(default)s)")
     parser.add_argument("--max-genes", type=int, default=DEFAULT_MAX_GENES,
                         help="genes per cell (default: " + ("every expressed gene" if DEFAULT_MAX_GENES is None
                                                             else str(DEFAULT_MAX_GENES)) + ")")
@@ -549,7 +592,7 @@ def run_finetune(args: argparse.Namespace) -> FinetuneResult:
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         early_stopping_patience=args.early_stopping_patience, head_warmup_steps=args.head_warmup_steps,
         max_genes=args.max_genes, class_weighting=None if args.class_weighting == "none" else args.class_weighting,
-        seed=args.seed,
+        downsample_min=args.downsample_min, gene_dropout=args.gene_dropout, seed=args.seed,
         bf16=None if args.precision == "auto" else args.precision == "bf16", use_cpu=args.use_cpu,
         report_to=args.report_to, lora_r=getattr(args, "lora_r", None),
         lora_alpha=getattr(args, "lora_alpha", None),

@@ -31,12 +31,16 @@ class PanFoMaTrainer(Trainer):
         head_warmup_steps: steps of the head warm start (`warm_start_head`; 0 = none).
         class_weights: one weight per class for the single-label cross-entropy (see `balanced_class_weights`), or
             None for the model's own unweighted loss.
+        train_data_collator: collator of the training batches only (e.g. one that augments cells); `data_collator`
+            then serves evaluation, prediction and the head warm start's frozen embeddings. None: `data_collator`
+            for everything.
         Others: as `transformers.Trainer`.
     """
 
     def __init__(self, *args: Any, head_learning_rate: float | None = None, head_warmup_steps: int = 0,
-                 class_weights: Sequence[float] | None = None, **kwargs: Any):
+                 class_weights: Sequence[float] | None = None, train_data_collator: Any = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
+        self.train_data_collator = train_data_collator
         self.head_learning_rate = head_learning_rate
         self.head_warmup_steps = int(head_warmup_steps)
         self.class_weights = None if class_weights is None else [float(w) for w in class_weights]
@@ -62,6 +66,16 @@ class PanFoMaTrainer(Trainer):
         outputs = model(**inputs)
         loss = self._cross_entropy(outputs.logits, labels)
         return (loss, outputs) if return_outputs else loss
+
+    def get_train_dataloader(self):
+        """Trainer's training DataLoader, collated by `train_data_collator` when one is set."""
+        if self.train_data_collator is None:
+            return super().get_train_dataloader()
+        shared, self.data_collator = self.data_collator, self.train_data_collator
+        try:
+            return super().get_train_dataloader()
+        finally:
+            self.data_collator = shared
 
     def train(self, resume_from_checkpoint=None, **kwargs):
         """`Trainer.train`, after fitting the classifier head alone on the frozen cell embeddings of the training
@@ -89,7 +103,7 @@ class PanFoMaTrainer(Trainer):
         features, labels = [], []
         autocast = torch.autocast(self.args.device.type, dtype=torch.bfloat16, enabled=bool(self.args.bf16))
         with torch.no_grad(), autocast:
-            for batch in self.get_train_dataloader():
+            for batch in self.get_test_dataloader(self.train_dataset):  # the training cells, not augmented
                 batch = self._prepare_inputs(batch)
                 out = base.panfoma(input_ids=batch["input_ids"], values=batch["values"],
                                    attention_mask=batch["attention_mask"])
