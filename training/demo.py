@@ -65,7 +65,7 @@ class DemoSize:
     model_overrides: dict
     max_genes: int
     pretrain_steps: int
-    finetune_epochs: float
+    finetune_epochs: float | None  # None: the recipe's DEFAULT_NUM_TRAIN_EPOCHS
     finetune_max_steps: int
     batch_size: int
     max_cells: int | None = None
@@ -77,7 +77,7 @@ SIZES: dict[str, DemoSize] = {
     "default": DemoSize(
         model_overrides=dict(hidden_size=64, num_attention_heads=4, intermediate_size=128, state_size=8,
                              num_encoder_layers=2, num_mamba_layers=2, gene_chunk_size=128, hidden_dropout_prob=0.1),
-        max_genes=256, pretrain_steps=150, finetune_epochs=15.0, finetune_max_steps=-1, batch_size=16,
+        max_genes=256, pretrain_steps=150, finetune_epochs=None, finetune_max_steps=-1, batch_size=16,
     ),
     "quick": DemoSize(
         model_overrides=dict(hidden_size=32, num_attention_heads=2, intermediate_size=64, state_size=4,
@@ -347,8 +347,9 @@ def run_demo(output_dir: str | os.PathLike = DEFAULT_OUTPUT_DIR, *, size: str = 
     # The demo's split is made once here and passed to `finetune` by the same rule (seed), so the baseline
     # below sees exactly the cells the classifier saw.
     splits, label_names = prepare_splits(load_bench(dataset_dir), "cell_type", split_by, seed=seed)
+    schedule = {} if plan.finetune_epochs is None else {"num_train_epochs": plan.finetune_epochs}
     result = finetune(pretrained, dataset_dir, model_dir, label_column="cell_type", split_by=split_by,
-                      num_train_epochs=plan.finetune_epochs, max_steps=plan.finetune_max_steps,
+                      max_steps=plan.finetune_max_steps, **schedule,
                       per_device_train_batch_size=plan.batch_size, seed=seed,  # the package's recipe otherwise
                       progress=progress, logging_steps=10)
     timings["finetune"] = time.perf_counter() - clock
