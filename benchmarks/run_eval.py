@@ -2,7 +2,7 @@
 
 Usage (from the repository root):
 
-    OMP_NUM_THREADS=1 python benchmarks/run_eval.py --model runs/eval-model/model [--finetune-steps 60]
+    OMP_NUM_THREADS=1 python benchmarks/run_eval.py --model runs/eval-model/model [--finetune-steps N]
         [--data-dir ../shared/data] [--out benchmarks/results] [--tasks pancancer annotation ...]
     OMP_NUM_THREADS=1 python benchmarks/run_eval.py            # no model: the MODEL-FREE CONTROL (smoke run)
 
@@ -12,8 +12,9 @@ writes, or a preset name such as `panfoma-small` for a randomly initialised mode
 cell task gets the PanFoMa zero-shot track (frozen `pooler_output` embeddings over every expressed gene: a linear
 probe for the supervised tasks, scIB metrics for integration and multi-omic) and the `panfoma_random_init` control
 beside it (same config and processor, random weights); gene programs use its gene-token embeddings. The PBMC
-annotation also gets a fine-tuned track (`model_finetune_fn`: fine-tuned as a classifier for `--finetune-steps`
-steps on the training cells, best validation macro-F1 kept); `--finetune-steps 0` skips it. Tracks are named
+annotation also gets a fine-tuned track (`model_finetune_fn`: fine-tuned as a classifier with the package's recipe,
+or for `--finetune-steps` optimiser steps, on the training cells, best validation macro-F1 kept); `--finetune-steps
+0` skips it. Tracks are named
 `panfoma_*`.
 
 Without `--model`, the cell embedding is a MODEL-FREE CONTROL (a fixed random projection of log-normalised
@@ -179,8 +180,9 @@ def main(argv=None) -> int:
                         help="PanFoMa folder (model + processor): its tracks replace the model-free control")
     parser.add_argument("--embedding", choices=("control", "model"), default=None,
                         help="kept for older command lines: 'model' needs --model; default: model iff --model")
-    parser.add_argument("--finetune-steps", type=int, default=60,
-                        help="fine-tuned track of the PBMC annotation (optimiser steps; 0 skips it; needs --model)")
+    parser.add_argument("--finetune-steps", type=int, default=None,
+                        help="fine-tuned track of the PBMC annotation: optimiser steps (default: the fine-tuning "
+                        "recipe's epochs and early stopping, panfoma.training.finetune.DEFAULT_*); 0 skips it; needs --model")
     parser.add_argument("--finetune-learning-rate", type=float, default=None,
                         help="fine-tuned track: backbone peak lr (default: panfoma.training.finetune's)")
     parser.add_argument("--no-random-init-control", dest="random_init_control", action="store_false",
@@ -203,7 +205,7 @@ def main(argv=None) -> int:
     if args.embedding == "model" and not args.model:
         parser.error("--embedding model needs --model PATH")
     use_model = args.model is not None and args.embedding != "control"
-    if args.finetune_steps < 0:
+    if args.finetune_steps is not None and args.finetune_steps < 0:
         parser.error("--finetune-steps must be >= 0")
     finetune_fn = control_fn = None
     track_notes: list[str] = []
@@ -211,7 +213,7 @@ def main(argv=None) -> int:
         from panfoma.training.finetune import DEFAULT_LEARNING_RATE
 
         tracks = ev.model_tracks(args.model, random_init_control=args.random_init_control,
-                                 finetune=bool(args.finetune_steps), finetune_output_dir=REPO / "runs" / "eval-finetune",
+                                 finetune=args.finetune_steps != 0, finetune_output_dir=REPO / "runs" / "eval-finetune",
                                  finetune_steps=args.finetune_steps or None,
                                  finetune_learning_rate=args.finetune_learning_rate or DEFAULT_LEARNING_RATE,
                                  batch_size=args.batch_size)
