@@ -157,3 +157,30 @@ def test_a_preset_name_fine_tunes_a_random_init_model(tiny, tmp_path):
     assert model.config.hidden_size == 64 and model.config.vocab_size == processor.vocab_size
     for (name, a), b in zip(model.state_dict().items(), again.state_dict().values()):
         assert a.equal(b), name  # the same seed gives the same initial weights, head included
+
+
+def test_load_classifier_reports_in_one_line_and_names_missing_backbone_weights(tmp_path, caplog):
+    import logging
+
+    from safetensors.torch import load_file, save_file
+
+    from panfoma.training.finetune import load_classifier
+
+    folder = save_tiny_pretrained(tmp_path / "pretrained")
+    with caplog.at_level(logging.INFO):
+        model, _ = load_classifier(str(folder), CELL_TYPES)
+    text = caplog.text
+    assert "loaded as a classifier" in text and "UNEXPECTED" not in text and "MISSING" not in text
+    assert "not in the checkpoint" not in text  # nothing of the backbone is missing
+    assert model.config.num_labels == len(CELL_TYPES)
+
+    # a checkpoint whose backbone lost a weight: that is a real problem and is named
+    weights = load_file(folder / "model.safetensors")
+    lost = next(key for key in weights if "gene_embeddings" in key)
+    del weights[lost]
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        load_classifier(str(folder), CELL_TYPES)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("not in the checkpoint" in message and "gene_embeddings" in message for message in warnings)

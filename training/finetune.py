@@ -279,9 +279,32 @@ def load_classifier(model_name_or_path: str | os.PathLike, label_names: Sequence
         config.id2label, config.label2id = id2label, label2id
         model = random_init_model(config, PanFoMaForCellClassification, seed=seed)
     else:
-        model = PanFoMaForCellClassification.from_pretrained(model_name_or_path, id2label=id2label, label2id=label2id)
+        model = _from_pretrained_quietly(PanFoMaForCellClassification, model_name_or_path, id2label=id2label,
+                                         label2id=label2id)
     processor.check_model_config(model.config)
     return model, processor
+
+
+def _from_pretrained_quietly(model_class, model_name_or_path, **kwargs):
+    """`from_pretrained` with one line instead of transformers' key table: a pretraining checkpoint loaded as a
+    classifier always leaves its pretraining heads unused and the classifier new, which is expected. Any other
+    missing weight (a backbone that did not load) is still a warning, naming the weights."""
+    import transformers
+
+    report = logging.getLogger(transformers.modeling_utils.__name__)
+    drop_warnings = lambda record: record.levelno != logging.WARNING  # noqa: E731 (the key table is a warning)
+    report.addFilter(drop_warnings)  # a filter, not setLevel: transformers runs extra checks when the level is set
+    try:
+        model, info = model_class.from_pretrained(model_name_or_path, output_loading_info=True, **kwargs)
+    finally:
+        report.removeFilter(drop_warnings)
+    missing = [key for key in info.get("missing_keys", ()) if not key.startswith("classifier.")]
+    if missing:
+        logger.warning("%s: %d backbone weights were not in the checkpoint and are randomly initialised: %s",
+                       model_name_or_path, len(missing), ", ".join(sorted(missing)[:10]))
+    logger.info("%s loaded as a classifier: backbone from the checkpoint, new classifier head; %d checkpoint tensors "
+                "(pretraining heads) not used", model_name_or_path, len(info.get("unexpected_keys", ())))
+    return model
 
 
 def balanced_class_weights(labels: Sequence[int], num_labels: int) -> list[float]:
