@@ -32,6 +32,9 @@ Choices:
 * Cells whose label is `"unknown"` (the builder's value for missing labels) are left out.
 * **Genes**: every expressed gene of each cell by default (`max_genes=None`); a cap is applied by the data
   collator (random sampling is for pretraining, the paper's recipe).
+* **Augmentation** of the training cells only (`DEFAULT_DOWNSAMPLE_MIN`, `DEFAULT_GENE_DROPOUT`; a second data
+  collator serves the training batches): counts binomially thinned and genes dropped, redrawn every epoch, so the
+  classifier does not fit the depth and detection pattern of the training platform.
 * **Optimiser**: AdamW through `panfoma.training.trainer.PanFoMaTrainer`, whose parameter groups come from
   `panfoma.training.optim.parameter_groups` (the one weight-decay policy, shared with pretraining), with an
   optional separate `head_learning_rate` for the classifier head and the input embeddings; Trainer's own
