@@ -186,3 +186,45 @@ def test_streaming_pretraining_runs(tiny_dataset, tmp_path):
     out = pretrain(_config(tiny_dataset, tmp_path / "stream", streaming=True, max_steps=2, save_steps=0,
                            shuffle_buffer=16))
     assert [r["step"] for r in read_metrics(out) if "loss" in r] == [1, 2]
+
+
+def test_embedding_spread_tells_collapsed_from_varied_embeddings():
+    from panfoma.training.pretrain import embedding_spread
+
+    generator = torch.Generator().manual_seed(0)
+    varied = torch.randn(400, 32, generator=generator)
+    collapsed = torch.randn(1, 32, generator=generator) + 1e-4 * torch.randn(400, 32, generator=generator)
+    assert embedding_spread(varied) == pytest.approx(1.0, abs=0.1)
+    assert embedding_spread(collapsed) < 1e-3
+    # a per-cell scale alone (e.g. depth) is still variation between cells
+    assert embedding_spread(varied[:1] * torch.rand(400, 1, generator=generator)) > 0.1
+
+
+def test_pretraining_logs_the_embedding_spread_and_warns_when_it_collapses(tiny_dataset, tmp_path, caplog):
+    import logging
+
+    from panfoma import PanFoMaForPreTraining
+    from panfoma.training.pretrain import COLLAPSED_SPREAD, _evaluate, setup_pretraining
+
+    out = pretrain(_config(tiny_dataset, tmp_path / "run", max_steps=2, eval_split="validation", eval_steps=1,
+                           warmup_steps=1))
+    spreads = [r["eval_embedding_spread"] for r in read_metrics(out) if "eval_embedding_spread" in r]
+    assert len(spreads) >= 2 and all(s > COLLAPSED_SPREAD for s in spreads)  # a random-init model is not collapsed
+
+    # the same evaluation on a model whose every cell gets one vector (a forward hook on the real backbone)
+    run = setup_pretraining(_config(tiny_dataset, tmp_path / "collapsed", max_steps=1, eval_split="validation"))
+    backbone = run.accelerator.unwrap_model(run.model).panfoma
+
+    first = {}
+
+    def same_vector_for_every_cell(module, args, output):
+        vector = first.setdefault("cell", output.pooler_output[:1].clone())
+        output.pooler_output = vector.expand_as(output.pooler_output).clone()
+        return output
+
+    backbone.register_forward_hook(same_vector_for_every_cell)
+    with caplog.at_level(logging.WARNING):
+        metrics = _evaluate(run.accelerator, run.model, run.evaluation, max_batches=4)
+    assert metrics["eval_embedding_spread"] < COLLAPSED_SPREAD
+    assert "collapsed" in caplog.text and "learning_rate" in caplog.text
+    assert isinstance(run.accelerator.unwrap_model(run.model), PanFoMaForPreTraining)

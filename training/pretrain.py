@@ -436,22 +436,56 @@ def _model_inputs(batch: dict) -> dict:
     return {k: v for k, v in batch.items() if k in ("input_ids", "values", "attention_mask", "labels", "raw_values")}
 
 
+#: `eval_embedding_spread` below which pretraining warns that the cell embedding has collapsed.
+COLLAPSED_SPREAD = 0.01
+
+
+def embedding_spread(embeddings) -> float:
+    """How much cell embeddings differ between cells, relative to how much a cell's coordinates differ: the mean over
+    dimensions of the standard deviation across cells, over the mean over cells of the standard deviation across
+    dimensions. About 1 for embeddings that vary as much between cells as within one; near 0 when every cell gets
+    (almost) the same vector, i.e. the embedding has collapsed and carries no cell identity.
+
+    Example:
+        >>> import torch
+        >>> round(embedding_spread(torch.randn(500, 64)), 1), embedding_spread(torch.ones(500, 1) * torch.randn(64))
+        (1.0, 0.0)
+    """
+    x = embeddings.float()
+    if x.shape[0] < 2:
+        return float("nan")
+    across_cells = x.std(dim=0).mean()
+    across_dims = x.std(dim=1).mean()
+    return float(across_cells / across_dims.clamp_min(1e-12))
+
+
 def _evaluate(accelerator, model, loader: _Loader, max_batches: int) -> dict:
-    """Mean masked-value loss over (at most `max_batches` per process of) the evaluation split, fixed masks."""
+    """Mean masked-value loss over (at most `max_batches` per process of) the evaluation split, fixed masks, and the
+    spread of the evaluation cells' embeddings (`embedding_spread`; a warning when the embedding has collapsed)."""
     import torch
 
     model.eval()
-    losses = []
+    losses, pooled = [], []
     with torch.no_grad():
         for i, batch in enumerate(loader.epoch(0)):
             if i >= max_batches:
                 break
-            losses.append(model(**_model_inputs(batch)).loss.detach().float().reshape(1))
+            outputs = model(**_model_inputs(batch))
+            losses.append(outputs.loss.detach().float().reshape(1))
+            if outputs.pooler_output is not None:
+                pooled.append(outputs.pooler_output.detach().float())
     model.train()
     if not losses:
         return {}
-    gathered = accelerator.gather_for_metrics(torch.cat(losses))
-    return {"eval_loss": float(gathered.mean())}
+    metrics = {"eval_loss": float(accelerator.gather_for_metrics(torch.cat(losses)).mean())}
+    if pooled:
+        spread = embedding_spread(accelerator.gather_for_metrics(torch.cat(pooled)))
+        metrics["eval_embedding_spread"] = spread
+        if spread < COLLAPSED_SPREAD and accelerator.is_main_process:
+            logger.warning("the cell embedding has collapsed: evaluation cells differ by %.2g of a cell's own spread "
+                           "(eval_embedding_spread), so it carries no cell identity; lower learning_rate or use a "
+                           "wider model", spread)
+    return metrics
 
 
 @dataclass
@@ -959,6 +993,7 @@ __all__ = [
     "add_pretrain_arguments",
     "build_model_and_processor",
     "config_from_args",
+    "embedding_spread",
     "find_latest_checkpoint",
     "fsdp_plugin_for_pretraining",
     "load_pretraining_config",
