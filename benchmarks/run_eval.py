@@ -129,10 +129,11 @@ def _track_kind(task: str, name: str) -> str | None:
 
 
 def write_summary(out: Path) -> Path:
-    """`eval_summary.md`: one row per task and headline metric, model tracks beside the baseline (mean ± sd)."""
+    """`eval_summary.md`: one row per task and headline metric, model tracks beside the baseline (mean ± sd), with the
+    date of the run each row comes from (tasks may be re-run separately, with `--tasks`)."""
     kinds = ("zero-shot", "fine-tuned", "random init", "baseline")
-    lines = ["| task | metric | model zero-shot | model fine-tuned | random init | baseline | tracks |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| task | metric | model zero-shot | model fine-tuned | random init | baseline | tracks | run |",
+             "|---|---|---|---|---|---|---|---|"]
     for subdir, title, metrics in SUMMARY_ROWS:
         files = sorted((out / subdir).glob("eval_*.json"))
         if not files:
@@ -151,7 +152,8 @@ def write_summary(out: Path) -> Path:
                 return f"{stat['mean']:.3f} ± {stat['sd']:.3f}"
 
             names = " / ".join(columns[k][0] for k in kinds if k in columns)
-            lines.append(f"| {title} | {metric} | " + " | ".join(cell(k) for k in kinds) + f" | {names} |")
+            run = report.get("date", "?")
+            lines.append(f"| {title} | {metric} | " + " | ".join(cell(k) for k in kinds) + f" | {names} | {run} |")
     path = out / "eval_summary.md"
     path.write_text("\n".join(lines) + "\n")
     return path

@@ -526,7 +526,7 @@ def test_run_eval_summary_has_a_random_init_column(tmp_path):
         return {"summary": {"macro_f1": {"mean": mean, "sd": 0.01}, "accuracy": {"mean": mean, "sd": 0.0}}}
 
     report = {"tracks": {"panfoma_linear_probe": track(0.61), "panfoma_random_init": track(0.42),
-                         "panfoma_finetuned": track(0.7), "baseline_pca_hvg": track(0.8)}}
+                         "panfoma_finetuned": track(0.7), "baseline_pca_hvg": track(0.8)}, "date": "2026-11-28 18:00 UTC"}
     (tmp_path / "eval_annotation_pbmc68k").mkdir()
     (tmp_path / "eval_annotation_pbmc68k" / "eval_annotation.json").write_text(json.dumps(report))
     table = run_eval.write_summary(tmp_path).read_text().splitlines()
@@ -534,3 +534,4 @@ def test_run_eval_summary_has_a_random_init_column(tmp_path):
     row = next(line for line in table if "| macro_f1 |" in line)
     cells = [c.strip() for c in row.split("|")[3:7]]
     assert cells == ["0.610 ± 0.010", "0.700 ± 0.010", "0.420 ± 0.010", "0.800 ± 0.010"]
+    assert row.rstrip(" |").endswith("2026-11-28 18:00 UTC")  # the run each row comes from
