@@ -29,7 +29,8 @@ import torch
 from transformers import TrainerCallback
 
 from .binning import DEFAULT_N_BINS, value_mask_id, value_pad_id
-from .encoding import DEFAULT_TARGET_SUM, GENE_SELECTIONS, EncodedCell, augment_cell, encode_cells, pad_encoded
+from .encoding import (DEFAULT_TARGET_SUM, GENE_SELECTIONS, EncodedCell, augment_cell, augmentation_settings,
+                       encode_cells, pad_encoded)
 from .vocabulary import PAD_TOKEN_ID
 
 logger = logging.getLogger(__name__)
@@ -121,14 +122,7 @@ class PanFoMaDataCollator:
         self.shuffle_genes = bool(getattr(source, "shuffle_genes", True) if shuffle_genes is None else shuffle_genes)
         self.target_sum = float(getattr(source, "target_sum", DEFAULT_TARGET_SUM))
         self.return_raw_values = self.mlm if return_raw_values is None else bool(return_raw_values)
-        if downsample_min is not None and not 0.0 < downsample_min <= 1.0:
-            raise ValueError(f"downsample_min must be a fraction in (0, 1] (1 = no downsampling), got {downsample_min} "
-                             "(CLI: --downsample-min).")
-        if gene_dropout is not None and not 0.0 <= gene_dropout < 1.0:
-            raise ValueError(f"gene_dropout must be a probability in [0, 1) (0 = no dropout), got {gene_dropout} "
-                             "(CLI: --gene-dropout).")
-        self.downsample_min = None if downsample_min in (None, 1.0) else float(downsample_min)
-        self.gene_dropout = float(gene_dropout) if gene_dropout else None
+        self.downsample_min, self.gene_dropout = augmentation_settings(downsample_min, gene_dropout)
         self.epoch = 0
         self._counter = 0
         self._warned_no_idx = False

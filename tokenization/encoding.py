@@ -46,6 +46,20 @@ class EncodedCell:
     raw_values: np.ndarray  # float32
 
 
+def augmentation_settings(downsample_min: float | None,
+                          gene_dropout: float | None) -> tuple[float | None, float | None]:
+    """The one rule for `augment_cell`'s settings: checked, and None for a setting that is off (`downsample_min` 1,
+    `gene_dropout` 0). Raises ValueError for values outside (0, 1] and [0, 1)."""
+    if downsample_min is not None and not 0.0 < downsample_min <= 1.0:
+        raise ValueError(f"downsample_min must be a fraction in (0, 1] (1 = no downsampling), got {downsample_min} "
+                         "(CLI: --downsample-min).")
+    if gene_dropout is not None and not 0.0 <= gene_dropout < 1.0:
+        raise ValueError(f"gene_dropout must be a probability in [0, 1) (0 = no dropout), got {gene_dropout} "
+                         "(CLI: --gene-dropout).")
+    return (None if downsample_min in (None, 1.0) else float(downsample_min),
+            float(gene_dropout) if gene_dropout else None)
+
+
 def augment_cell(
     gene_ids: np.ndarray,
     counts: np.ndarray,
@@ -263,5 +277,5 @@ def pad_encoded(
     return {"input_ids": input_ids, "values": values, "attention_mask": attention_mask, "raw_values": raw_values}
 
 
-__all__ = ["DEFAULT_TARGET_SUM", "GENE_SELECTIONS", "EncodedCell", "augment_cell", "encode_cells", "pad_encoded",
+__all__ = ["DEFAULT_TARGET_SUM", "GENE_SELECTIONS", "EncodedCell", "augment_cell", "augmentation_settings", "encode_cells", "pad_encoded",
            "select_genes"]

@@ -45,6 +45,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from panfoma.evaluation.metrics import classification_metrics  # the one accuracy / macro-F1, as finetune and evaluate
+from panfoma.training.finetune import DEFAULT_NUM_TRAIN_EPOCHS
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ class DemoSize:
     model_overrides: dict
     max_genes: int
     pretrain_steps: int
-    finetune_epochs: float | None  # None: the recipe's DEFAULT_NUM_TRAIN_EPOCHS
+    finetune_epochs: float
     finetune_max_steps: int
     batch_size: int
     pretrain_learning_rate: float = 1e-3
@@ -80,7 +81,8 @@ SIZES: dict[str, DemoSize] = {
         # macro-F1), 2 + 2 layers so that pretraining and fine-tuning take a few minutes on a laptop CPU
         model_overrides=dict(hidden_size=256, num_attention_heads=4, intermediate_size=512, state_size=16,
                              num_encoder_layers=2, num_mamba_layers=2, gene_chunk_size=128, hidden_dropout_prob=0.1),
-        max_genes=256, pretrain_steps=150, finetune_epochs=None, finetune_max_steps=-1, batch_size=16,
+        max_genes=256, pretrain_steps=150, finetune_epochs=DEFAULT_NUM_TRAIN_EPOCHS, finetune_max_steps=-1,
+        batch_size=16,
     ),
     "quick": DemoSize(
         model_overrides=dict(hidden_size=32, num_attention_heads=2, intermediate_size=64, state_size=4,
@@ -339,7 +341,8 @@ def run_demo(output_dir: str | os.PathLike = DEFAULT_OUTPUT_DIR, *, size: str = 
     cfg = load_pretraining_config(
         None, dataset=str(dataset_dir), output_dir=str(pretrained), preset="panfoma-tiny",
         model_overrides=dict(plan.model_overrides), max_genes=plan.max_genes, n_bins=51,
-        per_device_batch_size=plan.batch_size, learning_rate=plan.pretrain_learning_rate, warmup_steps=max(1, plan.pretrain_steps // 10),
+        per_device_batch_size=plan.batch_size, learning_rate=plan.pretrain_learning_rate,
+        warmup_steps=max(1, plan.pretrain_steps // 10),
         max_steps=plan.pretrain_steps, logging_steps=max(1, plan.pretrain_steps // 10), save_steps=0,
         eval_split=None, seed=seed, progress=progress, resume="never",
     )
@@ -351,9 +354,8 @@ def run_demo(output_dir: str | os.PathLike = DEFAULT_OUTPUT_DIR, *, size: str = 
     # The demo's split is made once here and passed to `finetune` by the same rule (seed), so the baseline
     # below sees exactly the cells the classifier saw.
     splits, label_names = prepare_splits(load_bench(dataset_dir), "cell_type", split_by, seed=seed)
-    schedule = {} if plan.finetune_epochs is None else {"num_train_epochs": plan.finetune_epochs}
     result = finetune(pretrained, dataset_dir, model_dir, label_column="cell_type", split_by=split_by,
-                      max_steps=plan.finetune_max_steps, **schedule,
+                      num_train_epochs=plan.finetune_epochs, max_steps=plan.finetune_max_steps,
                       per_device_train_batch_size=plan.batch_size, seed=seed,  # the package's recipe otherwise
                       progress=progress, logging_steps=10)
     timings["finetune"] = time.perf_counter() - clock

@@ -406,10 +406,9 @@ def build_trainer(
         save_only_model=True,
         dataloader_pin_memory=torch.cuda.is_available(),
     )
-    collator = PanFoMaDataCollator(processor, mlm=False, label_column=label_column, seed=seed, max_genes=max_genes,
-                                   return_raw_values=False)
-    train_collator = PanFoMaDataCollator(processor, mlm=False, label_column=label_column, seed=seed,
-                                         max_genes=max_genes, return_raw_values=False, downsample_min=downsample_min,
+    encoding = dict(mlm=False, label_column=label_column, seed=seed, max_genes=max_genes, return_raw_values=False)
+    collator = PanFoMaDataCollator(processor, **encoding)
+    train_collator = PanFoMaDataCollator(processor, **encoding, downsample_min=downsample_min,
                                          gene_dropout=gene_dropout)
     if lora_r:
         from .lora import apply_lora
@@ -502,7 +501,8 @@ def finetune(
         per_device_train_batch_size=per_device_train_batch_size, per_device_eval_batch_size=per_device_eval_batch_size,
         gradient_accumulation_steps=gradient_accumulation_steps, early_stopping_patience=early_stopping_patience,
         head_warmup_steps=head_warmup_steps, max_genes=max_genes, class_weighting=class_weighting,
-        downsample_min=downsample_min, gene_dropout=gene_dropout, seed=seed, bf16=bf16, use_cpu=use_cpu, report_to=report_to, progress=progress,
+        downsample_min=downsample_min, gene_dropout=gene_dropout, seed=seed, bf16=bf16, use_cpu=use_cpu,
+        report_to=report_to, progress=progress,
         logging_steps=logging_steps, lora_r=lora_r, lora_alpha=lora_alpha, lora_target_modules=lora_target_modules,
     )
     trainer.train()
@@ -536,24 +536,6 @@ def _fmt(metrics: dict | None) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- CLI
-def _fraction_in(low: float, high: float, *, low_open: bool, high_open: bool):
-    """argparse type: a float in the interval between `low` and `high` (open or closed ends)."""
-
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-        above = value > low if low_open else value >= low
-        below = value < high if high_open else value <= high
-        if not (above and below):
-            interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-            raise argparse.ArgumentTypeError(f"{text} is outside {interval}")
-        return value
-
-    return parse
-
-
 def add_finetune_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add `panfoma finetune` options to `parser` (defaults: this module's `DEFAULT_*` constants)."""
     parser.add_argument("model", help="pretrained PanFoMa folder (with its processor), Hub id, or a preset name "
@@ -583,10 +565,10 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     parser.add_argument("--class-weighting", choices=CLASS_WEIGHTINGS, default=DEFAULT_CLASS_WEIGHTING or "none",
                         help="cross-entropy class weights: 'balanced' = inverse class frequency in the training split, "
                         "so rare cell types count as much as common ones (default %(default)s)")
-    parser.add_argument("--downsample-min", type=_fraction_in(0, 1, low_open=True, high_open=False), default=DEFAULT_DOWNSAMPLE_MIN or 1.0, metavar="FRACTION",
+    parser.add_argument("--downsample-min", type=float, default=DEFAULT_DOWNSAMPLE_MIN or 1.0, metavar="FRACTION",
                         help="augmentation: thin each training cell's counts to a random fraction in [FRACTION, 1] of "
                         "its molecules, redrawn every epoch; 1 = off (default %(default)s)")
-    parser.add_argument("--gene-dropout", type=_fraction_in(0, 1, low_open=False, high_open=True), default=DEFAULT_GENE_DROPOUT or 0.0, metavar="P",
+    parser.add_argument("--gene-dropout", type=float, default=DEFAULT_GENE_DROPOUT or 0.0, metavar="P",
                         help="augmentation: drop each expressed gene of a training cell with a probability drawn from "
                         "[0, P] every epoch; 0 = off (default %(default)s)")
     parser.add_argument("--max-genes", type=int, default=DEFAULT_MAX_GENES,
@@ -610,6 +592,9 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
 
 def run_finetune(args: argparse.Namespace) -> FinetuneResult:
     """Run `panfoma finetune` from parsed `add_finetune_arguments` options."""
+    from panfoma.tokenization.encoding import augmentation_settings
+
+    augmentation_settings(args.downsample_min, args.gene_dropout)  # a bad value stops here, before any loading
     return finetune(
         args.model, args.dataset, args.output_dir, label_column=args.label_column, split_by=args.split_by,
         patient_column=args.patient_column, num_train_epochs=args.num_train_epochs, max_steps=args.max_steps,
